@@ -1,0 +1,32 @@
+# Two entry points for users: `make serve` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install install-dev serve test bench
+
+# Runtime dependencies only. The stamp makes re-runs instant until pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# Plus the test and benchmark tools (pytest, timm as the numerical oracle, hypothesis).
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+serve: install
+	@echo "The HTTP service is not implemented yet (it is the service issue); nothing to serve." >&2
+	@exit 1
+
+test: install-dev
+	$(PY) -m pytest
+
+bench: install-dev
+	$(PY) -m benchmarks.attention

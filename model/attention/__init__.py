@@ -1,0 +1,161 @@
+"""Halo attention (Vaswani et al., 2021) with the parameters and semantics of timm's ``HaloAttn``.
+
+One module, several backends, one dispatch point (``HaloAttention._backend_for``):
+
+- ``reference``: exact, readable, materializes the attention probabilities (tests, heatmaps).
+- ``fused``: the fast path in PyTorch ops (CPU and any device).
+- ``triton``: the fused GPU kernel; not part of this build yet, so asking for it is an error.
+- ``auto``: the fastest correct backend for the input's device and dtype (today ``fused``).
+
+A backend that cannot run is never replaced silently by a slower one: forcing it raises.
+"""
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import fused, reference
+from .spec import HaloSpec, HaloWeights
+
+__all__ = ["HaloAttention", "BACKENDS", "HaloSpec", "HaloWeights"]
+
+Backend = Callable[[Tensor, HaloWeights, HaloSpec], Tensor]
+
+BACKENDS: Dict[str, Backend] = {
+    "reference": lambda x, weights, spec: reference.halo_attention(x, weights, spec)[0],
+    "fused": fused.halo_attention,
+}
+_PLANNED_BACKENDS = ("triton",)
+_CHOICES = tuple(BACKENDS) + _PLANNED_BACKENDS + ("auto",)
+
+
+def _make_divisible(value: float, divisor: int = 8) -> int:
+    """Round to the nearest multiple of ``divisor``, never below 90% of ``value`` (timm's rule)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+class PosEmbedRel(nn.Module):
+    """Relative position tables, one row per offset in (-(win-1), win-1); timm's key names."""
+
+    def __init__(self, win_size: int, dim_head: int, scale: float):
+        super().__init__()
+        self.scale = scale
+        self.height_rel = nn.Parameter(torch.empty(win_size * 2 - 1, dim_head))
+        self.width_rel = nn.Parameter(torch.empty(win_size * 2 - 1, dim_head))
+
+
+class HaloAttention(nn.Module):
+    """Halo self-attention over non-overlapping blocks, each attending to its block plus a halo.
+
+    Arguments, parameter names and shapes are those of ``timm.layers.HaloAttn``, so a timm
+    state dict loads strictly. ``backend`` picks the implementation (see the module doc);
+    ``feat_size`` is accepted for signature compatibility and unused, as in timm.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            dim_out: Optional[int] = None,
+            feat_size: Optional[Tuple[int, int]] = None,
+            stride: int = 1,
+            num_heads: int = 8,
+            dim_head: Optional[int] = None,
+            block_size: int = 8,
+            halo_size: int = 3,
+            qk_ratio: float = 1.0,
+            qkv_bias: bool = False,
+            avg_down: bool = False,
+            scale_pos_embed: bool = False,
+            backend: str = "auto",
+    ):
+        super().__init__()
+        dim_out = dim_out or dim
+        if dim_out % num_heads:
+            raise ValueError(f"dim_out ({dim_out}) must be divisible by num_heads ({num_heads})")
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        if halo_size < 0 or block_size < 1:
+            raise ValueError(f"need block_size >= 1 and halo_size >= 0, got {block_size} and {halo_size}")
+        self.backend = self._check_backend_name(backend)
+        avg_pool = stride > 1 and (avg_down or block_size % stride != 0)
+        dim_head_qk = dim_head or _make_divisible(dim_out * qk_ratio, 8) // num_heads
+        self.spec = HaloSpec(
+            num_heads=num_heads,
+            dim_head_qk=dim_head_qk,
+            dim_head_v=dim_out // num_heads,
+            block_size=block_size,
+            halo_size=halo_size,
+            block_stride=stride if stride > 1 and not avg_pool else 1,
+            avg_pool=avg_pool,
+            scale_pos_embed=scale_pos_embed,
+        )
+        s = self.spec
+        self.dim = dim
+        self.q = nn.Conv2d(dim, num_heads * s.dim_head_qk, 1, stride=s.block_stride, bias=qkv_bias)
+        self.kv = nn.Conv2d(dim, num_heads * (s.dim_head_qk + s.dim_head_v), 1, bias=qkv_bias)
+        self.pos_embed = PosEmbedRel(s.win_size, s.dim_head_qk, s.scale)
+        self.pool = nn.AvgPool2d(2, 2) if avg_pool else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """timm's initialisation: truncated normal, fan-in std for projections, ``scale`` for positions."""
+        std = self.q.weight.shape[1] ** -0.5
+        nn.init.trunc_normal_(self.q.weight, std=std)
+        nn.init.trunc_normal_(self.kv.weight, std=std)
+        nn.init.trunc_normal_(self.pos_embed.height_rel, std=self.spec.scale)
+        nn.init.trunc_normal_(self.pos_embed.width_rel, std=self.spec.scale)
+
+    @staticmethod
+    def _check_backend_name(name: str) -> str:
+        if name not in _CHOICES:
+            raise ValueError(f"unknown halo attention backend {name!r}; choose one of {', '.join(_CHOICES)}")
+        return name
+
+    def set_backend(self, name: str) -> None:
+        """Switch the implementation (``reference``, ``fused``, ``triton`` or ``auto``)."""
+        self.backend = self._check_backend_name(name)
+
+    def weights(self) -> HaloWeights:
+        return HaloWeights(
+            self.q.weight, self.q.bias, self.kv.weight, self.kv.bias,
+            self.pos_embed.height_rel, self.pos_embed.width_rel)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.dim:
+            raise ValueError(f"expected input of shape (B, {self.dim}, H, W), got {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        bs = self.spec.block_size
+        if H % bs or W % bs:
+            raise ValueError(
+                f"feature map {H}x{W} is not a multiple of the block size {bs}: "
+                f"resize the input so that both sides divide by {bs}")
+
+    def _backend_for(self, x: Tensor) -> str:
+        """The one dispatch point: resolve ``auto`` and refuse a backend that cannot run here."""
+        if self.backend == "auto":
+            # The fused path wins on every shape measured on CPU (docs/performance.md); the
+            # Triton kernel will take CUDA inputs once it lands.
+            return "fused"
+        if self.backend in _PLANNED_BACKENDS:
+            raise ValueError(
+                f"halo attention backend {self.backend!r} is not available in this build; "
+                f"available: {', '.join(BACKENDS)}")
+        return self.backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        out = BACKENDS[self._backend_for(x)](x, self.weights(), self.spec)
+        return self.pool(out)
+
+    def forward_with_probs(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """Output and attention probabilities (B, heads, blocks, queries, keys), via the reference path."""
+        self._check_input(x)
+        out, probs = reference.halo_attention(x, self.weights(), self.spec, return_probs=True)
+        return self.pool(out), probs
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"heads={s.num_heads}, dim_head_qk={s.dim_head_qk}, dim_head_v={s.dim_head_v}, "
+                f"block_size={s.block_size}, halo_size={s.halo_size}, block_stride={s.block_stride}, "
+                f"avg_pool={s.avg_pool}, backend={self.backend!r}")

@@ -1,0 +1,57 @@
+"""What every halo attention backend needs to know: the layer's geometry and its weights.
+
+Backends are plain functions ``(x, weights, spec) -> output``; the ``HaloAttention`` module
+owns the parameters and hands them over in these two containers, so a backend never
+depends on ``nn.Module`` internals.
+"""
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class HaloSpec:
+    """Geometry of one halo attention layer (the derived sizes follow timm's ``HaloAttn``)."""
+
+    num_heads: int
+    dim_head_qk: int
+    dim_head_v: int
+    block_size: int
+    halo_size: int
+    block_stride: int  # 2 for strided query blocks, else 1
+    avg_pool: bool  # stride 2 done by a 2x2 average pool after attention
+    scale_pos_embed: bool
+
+    @property
+    def win_size(self) -> int:
+        """Side of the key/value window around each block: the block plus a halo on each side."""
+        return self.block_size + 2 * self.halo_size
+
+    @property
+    def query_block_size(self) -> int:
+        """Side of a query block after strided-query downsampling."""
+        return self.block_size // self.block_stride
+
+    @property
+    def scale(self) -> float:
+        return self.dim_head_qk ** -0.5
+
+
+class HaloWeights(NamedTuple):
+    """The layer's parameters, named after timm's state-dict keys."""
+
+    q_weight: Tensor  # (heads * dim_head_qk, dim, 1, 1)
+    q_bias: Optional[Tensor]
+    kv_weight: Tensor  # (heads * (dim_head_qk + dim_head_v), dim, 1, 1); per head: k then v
+    kv_bias: Optional[Tensor]
+    height_rel: Tensor  # (2 * win_size - 1, dim_head_qk)
+    width_rel: Tensor  # (2 * win_size - 1, dim_head_qk)
+
+
+def window_key_coordinates(win_size: int, device: Optional[torch.device] = None) -> tuple[Tensor, Tensor]:
+    """Row and column of each key in a block's window, keys in row-major order (win_size**2,)."""
+    ky, kx = torch.meshgrid(
+        torch.arange(win_size, device=device), torch.arange(win_size, device=device), indexing="ij")
+    return ky.flatten(), kx.flatten()
