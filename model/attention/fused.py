@@ -1,20 +1,21 @@
 """Fast halo attention in PyTorch ops, for the CPU (and any device without a dedicated kernel).
 
 Where timm's ``HaloAttn`` spends its time on a 2-core CPU: building the relative-position
-logits through pads, reshapes and an expanded add over the full attention matrix, softmax
-and matmuls over tensors far larger than the caches, and fresh allocations of tens of MB
-(every one of them paid again in page faults). This path instead:
+logits through pads, reshapes and an expanded add over the full attention matrix, then
+scaling, softmax and matmuls that each pass that matrix through memory, in tensors of tens
+of MB whose fresh allocations are paid again in page faults. This path instead:
 
-1. Works on a few images at a time and, within an image, on rows of blocks ("chunks" of
-   about ``UNITS_PER_CHUNK`` block x head pairs), so every intermediate stays in cache
-   and no allocation is large enough to go back to the OS between calls.
+1. Works on a few images at a time and, within an image, on rows of blocks ("chunks" of about
+   ``UNITS_PER_CHUNK`` block x head pairs), so intermediates stay small and cache-sized.
 2. Runs the projections as plain matmuls straight into channels-last layout, where each
-   block's key/value window is a strided view of the zero-padded projection (no unfold copy).
-3. Computes the relative-position logits with one small matmul per chunk (q against both
-   tables) and reads the per-query height and width logits out of it as strided views:
-   height logit of query row qy for key row ky sits ``ky - qy + win - 1`` entries in.
-   Their sum, broadcast over the window, is the additive mask of PyTorch's fused
-   ``scaled_dot_product_attention``, which keeps logits and softmax on chip.
+   block's key/value window is a strided view of the zero-padded projection; the windows are
+   copied once per chunk, into exactly the layout attention reads.
+3. Hands attention to PyTorch's fused ``scaled_dot_product_attention`` (on CPU a flash kernel
+   that keeps logits and softmax in cache), with the relative-position logits as its additive
+   mask. The mask is built by one matmul per chunk, never by a pass over an expanded tensor:
+   for narrow heads against per-query-position key tables (``_position_keys``), for wide heads
+   by reading the height and width logits out of ``q @ [height_rel; width_rel].T`` through
+   strided views (``_relative_logits``).
 
 All ops are differentiable, so the layer stays trainable on this path.
 """
@@ -27,8 +28,8 @@ from torch import Tensor
 from .reference import relative_position_index
 from .spec import HaloSpec, HaloWeights
 
-# Block x head pairs per chunk. Chosen by measurement (docs/performance.md): below ~32 the
-# per-op overhead shows, above ~128 a chunk's tensors no longer fit in L2.
+# Block x head pairs per chunk, chosen by measurement on the halonet shapes: 16 to 128 are
+# within noise of each other, 256 is slower on the largest maps (docs/performance.md).
 UNITS_PER_CHUNK = 64
 
 
@@ -39,18 +40,6 @@ def _project_channels_last(x: Tensor, weight: Tensor, bias: Optional[Tensor]) ->
     if bias is not None:
         out = out + bias
     return out.view(B, H, W, -1)
-
-
-def _window_pixels(n: int, H: int, W: int, spec: HaloSpec, device: torch.device) -> Tensor:
-    """(n, nh, nw, win, win): flat pixel index of each window position; ``n * H * W`` (the zero pixel) outside the map."""
-    bs, win = spec.block_size, spec.win_size
-    offsets = torch.arange(win, device=device) - spec.halo_size
-    ys = torch.arange(0, H, bs, device=device)[:, None] + offsets  # nh, win
-    xs = torch.arange(0, W, bs, device=device)[:, None] + offsets  # nw, win
-    inside = ((ys >= 0) & (ys < H))[:, None, :, None] & ((xs >= 0) & (xs < W))[None, :, None, :]
-    pixels = ys[:, None, :, None] * W + xs[None, :, None, :]
-    pixels = pixels + torch.arange(n, device=device).view(n, 1, 1, 1, 1) * (H * W)
-    return torch.where(inside, pixels, n * H * W)
 
 
 def _chunks(batch: int, block_rows: int, units_per_row: int) -> Iterator[Tuple[slice, range]]:
@@ -123,6 +112,7 @@ def halo_attention(x: Tensor, weights: HaloWeights, spec: HaloSpec) -> Tensor:
         q = q.view(n, nh, bq, nw, bq, heads, dk).permute(0, 1, 3, 5, 2, 4, 6)  # n, nh, nw, heads, bq, bq, dk
         kv = _project_channels_last(xi, weights.kv_weight, weights.kv_bias)
         kv = F.pad(kv, (0, 0) + (spec.halo_size,) * 4)  # zero halo around the map
+        # Every block's window as a strided view (no copy): n, nh, nw, heads, win, win, dk + dv.
         kv = kv.unfold(1, win, bs).unfold(2, win, bs)
         kv = kv.view(n, nh, nw, heads, dk + dv, win, win).permute(0, 1, 2, 3, 5, 6, 4)
         for r in row_starts:
