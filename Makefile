@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-dev serve test bench
+.PHONY: install install-dev serve test bench bench-gpu
 
 # Runtime dependencies only. The stamp makes re-runs instant until pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -30,3 +30,8 @@ test: install-dev
 
 bench: install-dev
 	$(PY) -m benchmarks.attention
+
+# On a machine with a CUDA GPU: the Triton kernel at real sizes, then the GPU table (JSON kept).
+bench-gpu: install-dev
+	$(PY) -m pytest -q tests/unit/test_triton_kernel.py
+	$(PY) -m benchmarks.attention --device cuda --json bench-gpu.json

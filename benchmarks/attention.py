@@ -1,11 +1,13 @@
 """Halo attention speed: timm's ``HaloAttn`` against ours, same weights, side by side in one run.
 
 The shapes are read off timm's own models (a forward hook on every ``HaloAttn`` of
-``halonet_h1`` and ``halonet26t`` at 256 px), so they are exactly the layers users run.
-Each row times both layers alternately, several rounds, and reports medians, their ratio
-and the largest absolute difference between the two outputs.
+``halonet_h1`` and ``halonet26t`` at 256 px), so they are exactly the layers users run; on GPU
+the paper's HaloNet-H4 layers at 384 px are added. Every row times its implementations
+alternately, several rounds, and reports medians, ratios and the largest absolute difference
+from timm's output.
 
-    python -m benchmarks.attention            # table
+    python -m benchmarks.attention                 # CPU: timm vs ours (auto), fp32, batch 1 and 8
+    python -m benchmarks.attention --device cuda   # GPU: timm, fused, triton, SDPA; fp16 and bf16, batch 64
     python -m benchmarks.attention --json out.json
 """
 import argparse
@@ -15,12 +17,13 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from timm.layers.halo_attn import HaloAttn
 
 from model import HaloAttention
+from model.attention import reference
 
 MODELS = ("halonet_h1", "halonet26t")
 
@@ -64,7 +67,23 @@ def timm_layer_shapes(model_name: str, image_size: int = 256) -> List[LayerShape
     return list(shapes)
 
 
-def build_pair(shape: LayerShape, backend: str) -> Tuple[torch.nn.Module, torch.nn.Module]:
+# HaloNet-H4 (Vaswani et al., 2021, Table 2: block 12, halo 2, bottleneck ratio 3.0, 384 px): the
+# attention layer of each stage's stride-2 first block (stage 1 has none) and of its later blocks.
+HALONET_H4_SHAPES = [
+    LayerShape("halonet_h4", 192, 192, 1, 8, 24, 12, 2, 96, 96),
+    LayerShape("halonet_h4", 384, 384, 2, 8, 48, 12, 2, 96, 96),
+    LayerShape("halonet_h4", 384, 384, 1, 8, 48, 12, 2, 48, 48),
+    LayerShape("halonet_h4", 768, 768, 2, 8, 96, 12, 2, 48, 48),
+    LayerShape("halonet_h4", 768, 768, 1, 8, 96, 12, 2, 24, 24),
+    LayerShape("halonet_h4", 1536, 1536, 2, 8, 192, 12, 2, 24, 24),
+    LayerShape("halonet_h4", 1536, 1536, 1, 8, 192, 12, 2, 12, 12),
+]
+
+# Peak memory bandwidth (GB/s) of the GPUs this benchmark is run on, by name.
+PEAK_BANDWIDTH_GBS = {"H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
+
+
+def build_pair(shape: LayerShape, backend: str) -> Tuple[torch.nn.Module, HaloAttention]:
     kwargs = dict(dim=shape.dim, dim_out=shape.dim_out, stride=shape.stride, num_heads=shape.num_heads,
                   dim_head=shape.dim_head, block_size=shape.block_size, halo_size=shape.halo_size)
     theirs = HaloAttn(**kwargs).eval()
@@ -73,10 +92,12 @@ def build_pair(shape: LayerShape, backend: str) -> Tuple[torch.nn.Module, torch.
     return theirs, ours
 
 
-def time_alternating(fns: List[Callable[[], object]], rounds: int, min_seconds: float) -> List[float]:
+def time_alternating(fns: List[Callable[[], object]], rounds: int, min_seconds: float,
+                     sync: Callable[[], None] = lambda: None) -> List[float]:
     """Median seconds per call of each fn, timed in alternation so that machine noise hits all alike."""
     for fn in fns:
-        fn()  # warm-up: allocations, lazy init
+        fn()  # warm-up: allocations, lazy init, kernel compilation
+    sync()
     samples: List[List[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for fn, out in zip(fns, samples):
@@ -84,6 +105,7 @@ def time_alternating(fns: List[Callable[[], object]], rounds: int, min_seconds: 
             while True:
                 fn()
                 calls += 1
+                sync()
                 elapsed = time.perf_counter() - start
                 if elapsed >= min_seconds / rounds:
                     break
@@ -91,7 +113,11 @@ def time_alternating(fns: List[Callable[[], object]], rounds: int, min_seconds: 
     return [statistics.median(s) for s in samples]
 
 
-def run(batches: List[int], backend: str, rounds: int, min_seconds: float) -> Dict[str, object]:
+def geomean(values: List[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def run_cpu(batches: List[int], backend: str, rounds: int, min_seconds: float) -> Dict[str, object]:
     rows = []
     for model_name in MODELS:
         for shape in timm_layer_shapes(model_name):
@@ -109,27 +135,117 @@ def run(batches: List[int], backend: str, rounds: int, min_seconds: float) -> Di
     summary = {}
     for model_name in MODELS:
         ratios = [r["speedup"] for r in rows if r["shape"]["model"] == model_name]
-        summary[model_name] = dict(geomean_speedup=math.exp(sum(map(math.log, ratios)) / len(ratios)),
-                                   min_speedup=min(ratios))
+        summary[model_name] = dict(geomean_speedup=geomean(ratios), min_speedup=min(ratios))
         print(f"{model_name}: geometric-mean speedup x{summary[model_name]['geomean_speedup']:.2f}, "
               f"slowest shape x{summary[model_name]['min_speedup']:.2f}")
     return dict(device="cpu", threads=torch.get_num_threads(), torch=torch.__version__, backend=backend,
                 rows=rows, summary=summary)
 
 
+def _unfolded_sdpa_inputs(layer: HaloAttention, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The best stock-op baseline's inputs, built untimed: per-block queries, materialized windows,
+    and the relative-position logits as an additive mask (from the reference path's index tables)."""
+    spec, w = layer.spec, layer.weights()
+    B, _, H, W = x.shape
+    heads, dk, dv, bq, win = spec.num_heads, spec.dim_head_qk, spec.dim_head_v, spec.query_block_size, spec.win_size
+    nh, nw = H // spec.block_size, W // spec.block_size
+    q = torch.nn.functional.conv2d(x, w.q_weight, w.q_bias, stride=spec.block_stride)
+    q = q.reshape(B, heads, dk, nh, bq, nw, bq).permute(0, 1, 3, 5, 4, 6, 2).reshape(B * heads, nh * nw, bq * bq, dk)
+    kv = torch.nn.functional.pad(torch.nn.functional.conv2d(x, w.kv_weight, w.kv_bias), [spec.halo_size] * 4)
+    kv = kv.unfold(2, win, spec.block_size).unfold(3, win, spec.block_size)
+    kv = kv.reshape(B * heads, dk + dv, nh * nw, win * win).permute(0, 2, 3, 1)
+    k, v = (t.contiguous() for t in kv.split([dk, dv], dim=-1))
+    height_index, width_index = reference.relative_position_index(bq, win, x.device)
+    mask = (torch.einsum("bnqd,qkd->bnqk", q, w.height_rel[height_index])
+            + torch.einsum("bnqd,qkd->bnqk", q, w.width_rel[width_index]))
+    if spec.scale_pos_embed:
+        mask = mask * spec.scale
+    return q.contiguous(), k, v, mask.contiguous()
+
+
+def run_gpu(shapes: List[LayerShape], batch: int, dtypes: List[torch.dtype], rounds: int, min_seconds: float,
+            peak_gbs: Optional[float], device: str = "cuda") -> Dict[str, object]:
+    """The GPU table. ``device`` is a parameter only so that tests can smoke-run it on CPU."""
+    from model.attention import triton as triton_kernel
+
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    peak = peak_gbs or next((v for k, v in PEAK_BANDWIDTH_GBS.items() if k in name), None)
+    rows = []
+    for dtype in dtypes:
+        for shape in shapes:
+            torch.manual_seed(0)
+            theirs, ours = build_pair(shape, "auto")
+            theirs, ours = theirs.to(device, dtype), ours.to(device, dtype)
+            x = torch.randn(batch, shape.dim, shape.height, shape.width, device=device, dtype=dtype)
+            spec, w = ours.spec, ours.weights()
+            with torch.inference_mode():
+                expected = theirs(x)
+                q_proj = torch.nn.functional.conv2d(x, w.q_weight, stride=spec.block_stride)
+                kv_proj = torch.nn.functional.conv2d(x, w.kv_weight)
+                sdpa_inputs = _unfolded_sdpa_inputs(ours, x)
+                sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(
+                    *sdpa_inputs[:3], attn_mask=sdpa_inputs[3], scale=spec.scale)
+                fused = lambda: (ours.set_backend("fused"), ours(x))[1]
+                triton = lambda: (ours.set_backend("triton"), ours(x))[1]
+                kernel = lambda: triton_kernel.attend(q_proj, kv_proj, w, spec)
+                errors = {n: (f().float() - expected.float()).abs().max().item()
+                          for n, f in (("fused", fused), ("triton", triton))}
+                times = time_alternating([lambda: theirs(x), fused, triton, kernel, sdpa], rounds, min_seconds, sync)
+            # Bytes the attention itself must move at least: q, k and v read once, output written once
+            # (before the average pool of avg_pool layers).
+            out_elements = batch * shape.dim_out * q_proj.shape[2] * q_proj.shape[3] * (4 if spec.avg_pool else 1)
+            moved = (q_proj.numel() + kv_proj.numel() + out_elements) * x.element_size()
+            t_timm, t_fused, t_triton, t_kernel, t_sdpa = times
+            row = dict(shape=asdict(shape), label=shape.label(), dtype=str(dtype).split(".")[-1], batch=batch,
+                       timm_ms=t_timm * 1e3, fused_ms=t_fused * 1e3, triton_ms=t_triton * 1e3,
+                       triton_kernel_ms=t_kernel * 1e3, sdpa_unfolded_ms=t_sdpa * 1e3,
+                       triton_speedup=t_timm / t_triton, fused_speedup=t_timm / t_fused,
+                       kernel_gbs=moved / t_kernel / 1e9, sdpa_gbs=moved / t_sdpa / 1e9,
+                       max_abs_err=errors)
+            rows.append(row)
+            peak_note = f" ({row['kernel_gbs'] / peak:.0%} of peak)" if peak else ""
+            print(f"{shape.label():<44} {row['dtype']:<8} timm {row['timm_ms']:8.3f}  fused {row['fused_ms']:8.3f}"
+                  f"  triton {row['triton_ms']:8.3f} (kernel {row['triton_kernel_ms']:7.3f},"
+                  f" {row['kernel_gbs']:6.0f} GB/s{peak_note})  sdpa {row['sdpa_unfolded_ms']:8.3f}"
+                  f" ({row['sdpa_gbs']:6.0f} GB/s)  triton x{row['triton_speedup']:5.2f}"
+                  f"  err {errors['triton']:.1e}", flush=True)
+    summary = {}
+    for dtype in {r["dtype"] for r in rows}:
+        of_dtype = [r for r in rows if r["dtype"] == dtype]
+        largest = max(of_dtype, key=lambda r: r["timm_ms"])
+        summary[dtype] = dict(triton_geomean_speedup=geomean([r["triton_speedup"] for r in of_dtype]),
+                              largest_shape=largest["label"], largest_kernel_gbs=largest["kernel_gbs"],
+                              largest_fraction_of_peak=largest["kernel_gbs"] / peak if peak else None)
+        print(f"{dtype}: triton vs timm geometric mean x{summary[dtype]['triton_geomean_speedup']:.2f}; "
+              f"largest shape {largest['label']}: kernel {largest['kernel_gbs']:.0f} GB/s"
+              + (f" = {largest['kernel_gbs'] / peak:.0%} of {peak:.0f} GB/s peak" if peak else ""))
+    return dict(device=name, peak_gbs=peak, torch=torch.__version__, batch=batch, rows=rows, summary=summary)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--backend", default="auto", help="our backend: auto, fused or reference")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: 1 8 on CPU, 64 on GPU)")
+    parser.add_argument("--backend", default="auto", help="our backend on CPU: auto, fused or reference")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
     parser.add_argument("--rounds", type=int, default=7, help="alternating timing rounds per row")
-    parser.add_argument("--seconds", type=float, default=2.0, help="timing budget per layer per row")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timing budget per implementation per row")
+    parser.add_argument("--peak-gbs", type=float, help="GPU peak memory bandwidth, if the device name is not known")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"halo attention, timm vs ours ({args.backend}), fp32, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
-    result = run(args.batch, args.backend, args.rounds, args.seconds)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda needs a CUDA GPU")
+        batch = (args.batch or [64])[0]
+        print(f"halo attention on {torch.cuda.get_device_name()}, batch {batch}, torch {torch.__version__}")
+        shapes = [s for m in MODELS for s in timm_layer_shapes(m)] + HALONET_H4_SHAPES
+        result = run_gpu(shapes, batch, [torch.float16, torch.bfloat16], args.rounds, args.seconds, args.peak_gbs)
+    else:
+        print(f"halo attention, timm vs ours ({args.backend}), fp32, {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__}")
+        result = run_cpu(args.batch or [1, 8], args.backend, args.rounds, args.seconds)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

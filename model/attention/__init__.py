@@ -3,11 +3,13 @@
 One module, several backends, one dispatch point (``HaloAttention._backend_for``):
 
 - ``reference``: exact, readable, materializes the attention probabilities (tests, heatmaps).
-- ``fused``: the fast path in PyTorch ops (CPU and any device).
-- ``triton``: the fused GPU kernel; not part of this build yet, so asking for it is an error.
-- ``auto``: the fastest correct backend for the input's device and dtype (today ``fused``).
+- ``fused``: the fast path in PyTorch ops (CPU and any device); trainable.
+- ``triton``: the fused GPU kernel (CUDA, or emulated with ``TRITON_INTERPRET=1``); inference only.
+- ``auto``: ``triton`` for CUDA inputs when Triton is installed and no gradient is needed, else
+  ``fused``.
 
-A backend that cannot run is never replaced silently by a slower one: forcing it raises.
+A backend that cannot run is never replaced silently by a slower one: forcing it raises. The one
+routing rule: the Triton kernel has no backward, so a call that needs gradients runs ``fused``.
 """
 from typing import Callable, Dict, Optional, Tuple
 
@@ -15,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import fused, reference
+from . import triton as triton_kernel
 from .spec import HaloSpec, HaloWeights
 
 __all__ = ["HaloAttention", "BACKENDS", "HaloSpec", "HaloWeights"]
@@ -24,9 +27,9 @@ Backend = Callable[[Tensor, HaloWeights, HaloSpec], Tensor]
 BACKENDS: Dict[str, Backend] = {
     "reference": lambda x, weights, spec: reference.halo_attention(x, weights, spec)[0],
     "fused": fused.halo_attention,
+    "triton": triton_kernel.halo_attention,
 }
-_PLANNED_BACKENDS = ("triton",)
-_CHOICES = tuple(BACKENDS) + _PLANNED_BACKENDS + ("auto",)
+_CHOICES = tuple(BACKENDS) + ("auto",)
 
 
 def _make_divisible(value: float, divisor: int = 8) -> int:
@@ -131,16 +134,23 @@ class HaloAttention(nn.Module):
                 f"feature map {H}x{W} is not a multiple of the block size {bs}: "
                 f"resize the input so that both sides divide by {bs}")
 
+    def _needs_grad(self, x: Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
     def _backend_for(self, x: Tensor) -> str:
         """The one dispatch point: resolve ``auto`` and refuse a backend that cannot run here."""
         if self.backend == "auto":
-            # The fused path wins on every shape measured on CPU (docs/performance.md); the
-            # Triton kernel will take CUDA inputs once it lands.
+            # Fused beats timm on every CPU shape measured (docs/performance.md); on CUDA the
+            # Triton kernel, which keeps the whole attention on chip, takes over.
+            if x.is_cuda and triton_kernel.unavailable_reason(x) is None and not self._needs_grad(x):
+                return "triton"
             return "fused"
-        if self.backend in _PLANNED_BACKENDS:
-            raise ValueError(
-                f"halo attention backend {self.backend!r} is not available in this build; "
-                f"available: {', '.join(BACKENDS)}")
+        if self.backend == "triton":
+            reason = triton_kernel.unavailable_reason(x)
+            if reason is not None:
+                raise ValueError(f"halo attention backend 'triton' is not available: {reason}")
+            if self._needs_grad(x):
+                return "fused"  # the kernel has no backward; fused computes the same and is trainable
         return self.backend
 
     def forward(self, x: Tensor) -> Tensor:
@@ -148,11 +158,21 @@ class HaloAttention(nn.Module):
         out = BACKENDS[self._backend_for(x)](x, self.weights(), self.spec)
         return self.pool(out)
 
-    def forward_with_probs(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """Output and attention probabilities (B, heads, blocks, queries, keys), via the reference path."""
+    def forward_with_maps(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """Output and one attention map per block, (B, blocks, win, win), blocks in row-major order.
+
+        A block's map is its attention probabilities averaged over heads and over the block's
+        queries (it sums to 1 over the window). The Triton kernel writes them in the same pass;
+        elsewhere they come from the reference path, which materializes all probabilities.
+        """
         self._check_input(x)
-        out, probs = reference.halo_attention(x, self.weights(), self.spec, return_probs=True)
-        return self.pool(out), probs
+        if self._backend_for(x) == "triton":
+            out, maps = triton_kernel.halo_attention_with_maps(x, self.weights(), self.spec, with_maps=True)
+        else:
+            out, probs = reference.halo_attention(x, self.weights(), self.spec, return_probs=True)
+            win = self.spec.win_size
+            maps = probs.mean(dim=(1, 3)).unflatten(-1, (win, win))
+        return self.pool(out), maps
 
     def extra_repr(self) -> str:
         s = self.spec

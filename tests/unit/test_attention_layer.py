@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from model import HaloAttention
-from model.attention import BACKENDS
+from model.attention import BACKENDS, reference
 
 
 def test_map_not_multiple_of_block_size_is_a_value_error() -> None:
@@ -29,9 +29,10 @@ def test_bad_constructor_arguments(kwargs: dict, message: str) -> None:
         HaloAttention(**kwargs)
 
 
-def test_unavailable_backend_fails_loudly_instead_of_falling_back() -> None:
+def test_triton_on_cpu_fails_loudly_instead_of_falling_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     layer = HaloAttention(dim=8, num_heads=2, block_size=4, halo_size=1, backend="triton")
-    with pytest.raises(ValueError, match="'triton' is not available"):
+    with torch.no_grad(), pytest.raises(ValueError, match="'triton' is not available: it needs a CUDA tensor"):
         layer(torch.randn(1, 8, 8, 8))
 
 
@@ -41,17 +42,40 @@ def test_auto_resolves_to_fused_on_cpu() -> None:
     assert layer._backend_for(torch.randn(1, 8, 8, 8)) == "fused"
 
 
+def test_triton_routes_training_through_fused() -> None:
+    layer = HaloAttention(dim=8, num_heads=2, block_size=4, halo_size=1, backend="triton")
+    x = torch.randn(1, 8, 8, 8)
+    assert layer._backend_for(x) == "fused"  # parameters require grad
+    with torch.no_grad():
+        assert layer._backend_for(x) == "triton"  # emulated by the interpreter in tests
+
+
 @pytest.mark.parametrize("stride", [1, 2])
-def test_probabilities_are_a_distribution_over_each_window(stride: int) -> None:
+def test_reference_probabilities_are_a_distribution_over_each_window(stride: int) -> None:
     torch.manual_seed(0)
     layer = HaloAttention(dim=16, num_heads=2, block_size=4, halo_size=1, stride=stride)
     x = torch.randn(2, 16, 8, 12)
     with torch.no_grad():
-        out, probs = layer.forward_with_probs(x)
+        out, probs = reference.halo_attention(x, layer.weights(), layer.spec, return_probs=True)
         expected = layer(x)
     q_block = 4 // stride
     assert probs.shape == (2, 2, 2 * 3, q_block ** 2, 6 ** 2)
     assert torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-6)
+    assert (layer.pool(out) - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused", "triton"])
+def test_window_maps_average_probabilities_over_heads_and_queries(backend: str) -> None:
+    torch.manual_seed(0)
+    layer = HaloAttention(dim=16, num_heads=2, block_size=4, halo_size=1, backend=backend)
+    x = torch.randn(2, 16, 8, 12)
+    with torch.no_grad():
+        out, maps = layer.forward_with_maps(x)
+        _, probs = reference.halo_attention(x, layer.weights(), layer.spec, return_probs=True)
+        expected = layer(x)
+    assert maps.shape == (2, 6, 6, 6)
+    assert (maps - probs.mean(dim=(1, 3)).view(2, 6, 6, 6)).abs().max().item() <= 1e-6
+    assert torch.allclose(maps.sum(dim=(-1, -2)), torch.ones(()), atol=1e-6)
     assert (out - expected).abs().max().item() <= 1e-5
 
 
@@ -60,9 +84,9 @@ def test_zero_padded_keys_keep_their_position_logit() -> None:
     torch.manual_seed(0)
     layer = HaloAttention(dim=8, num_heads=1, block_size=4, halo_size=2)
     with torch.no_grad():
-        _, probs = layer.forward_with_probs(torch.randn(1, 8, 4, 4))
-    window = probs[0, 0, 0].view(16, 8, 8)  # one block: its window is the map plus a 2-pixel zero halo
-    assert window[:, :2, :].sum().item() > 0  # the two halo rows above the map
+        _, maps = layer.forward_with_maps(torch.randn(1, 8, 4, 4))
+    # One block: its window is the map plus a 2-pixel zero halo; the two rows above the map get mass.
+    assert maps[0, 0, :2, :].sum().item() > 0
 
 
 @settings(max_examples=25, deadline=None)

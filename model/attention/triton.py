@@ -1,0 +1,233 @@
+"""Fused halo attention kernel for GPUs, in Triton.
+
+One program per (image x head, query block, tile of the block's queries). It loads its queries
+from the q projection, reads the key/value window straight from the kv projection with masked
+loads (pixels outside the map read as zeros, so halo keys keep their position logit exactly as
+in ``reference.py``: no unfold copy, no padded copy), computes the height and width
+relative-position logits on chip (``q @ height_rel.T`` gathered by key row, likewise columns),
+runs an online softmax over tiles of the window, and writes the output once, in whatever layout
+the output tensor has (NCHW or channels_last). Inputs in fp32, fp16 or bf16; accumulation in fp32.
+
+Optionally the same kernel also writes, for each block, the attention probabilities summed over
+its queries (a second pass over the window with the final softmax statistics); the wrapper
+averages them over heads and queries into one (win x win) map per block, for heatmaps.
+
+Inference only: there is no backward. ``HaloAttention`` routes anything that needs gradients
+through the ``fused`` backend. Without CUDA the kernel runs under ``TRITON_INTERPRET=1``
+(tests use that, at small sizes).
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .spec import HaloSpec, HaloWeights
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs ship without Triton
+    triton = None
+
+# Key tile of the online softmax. Queries per program: the whole query block up to this many.
+BLOCK_K = 64
+MAX_BLOCK_Q = 64
+
+
+def unavailable_reason(x: Tensor) -> Optional[str]:
+    """Why this backend cannot run on ``x``, or None when it can."""
+    if triton is None:
+        return "Triton is not installed"
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"it needs a CUDA tensor, got one on {x.device} (or TRITON_INTERPRET=1 to emulate)"
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"it supports float32, float16 and bfloat16, not {x.dtype}"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _halo_attention_kernel(
+            q_ptr, kv_ptr, height_ptr, width_ptr, out_ptr, maps_ptr,
+            q_sb, q_sc, q_sy, q_sx,
+            kv_sb, kv_sc, kv_sy, kv_sx,
+            o_sb, o_sc, o_sy, o_sx,
+            rel_sr, rel_sd,
+            H, W, blocks_w, num_blocks, q_tiles,
+            scale,
+            HEADS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+            BS: tl.constexpr, BQ: tl.constexpr, HALO: tl.constexpr, WIN: tl.constexpr,
+            SCALE_POS_EMBED: tl.constexpr, WRITE_MAPS: tl.constexpr, PRECISION: tl.constexpr,
+            BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr,
+            BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        LOG2E: tl.constexpr = 1.4426950408889634
+        pid_bh = tl.program_id(0)
+        block = tl.program_id(1)
+        q_tile = tl.program_id(2)
+        b = pid_bh // HEADS
+        h = pid_bh % HEADS
+        block_y = block // blocks_w
+        block_x = block % blocks_w
+
+        # This program's queries: (BLOCK_Q, BLOCK_DK), zero beyond the block and the head width.
+        qi = q_tile * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q_ok = qi < BQ * BQ
+        qy = qi // BQ
+        qx = qi % BQ
+        dk = tl.arange(0, BLOCK_DK)
+        dk_ok = dk < DK
+        q = tl.load(q_ptr + b * q_sb + (h * DK + dk[None, :]) * q_sc
+                    + (block_y * BQ + qy[:, None]) * q_sy + (block_x * BQ + qx[:, None]) * q_sx,
+                    mask=q_ok[:, None] & dk_ok[None, :], other=0.0)
+
+        # Each query against every relative offset, rows and columns: (BLOCK_Q, BLOCK_R) each.
+        r = tl.arange(0, BLOCK_R)
+        rel_mask = (r[None, :] < 2 * WIN - 1) & dk_ok[:, None]
+        rel_offsets = r[None, :] * rel_sr + dk[:, None] * rel_sd
+        height = tl.load(height_ptr + rel_offsets, mask=rel_mask, other=0.0).to(q.dtype)
+        width = tl.load(width_ptr + rel_offsets, mask=rel_mask, other=0.0).to(q.dtype)
+        q_height = tl.dot(q, height, input_precision=PRECISION)
+        q_width = tl.dot(q, width, input_precision=PRECISION)
+
+        # Logits in log2 units, so that the softmax runs on exp2.
+        qk_factor = scale * LOG2E
+        if SCALE_POS_EMBED:
+            rel_factor = scale * LOG2E
+        else:
+            rel_factor = LOG2E
+
+        dv = tl.arange(0, BLOCK_DV)
+        dv_ok = dv < DV
+        top = block_y * BS - HALO
+        left = block_x * BS - HALO
+        k_base = kv_ptr + b * kv_sb + h * (DK + DV) * kv_sc
+        v_base = k_base + DK * kv_sc
+
+        row_max = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+        row_sum = tl.zeros((BLOCK_Q,), tl.float32)
+        acc = tl.zeros((BLOCK_Q, BLOCK_DV), tl.float32)
+        for k0 in range(0, WIN * WIN, BLOCK_K):
+            kj = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kj < WIN * WIN
+            ky = kj // WIN
+            kx = kj % WIN
+            y = top + ky
+            x = left + kx
+            inside = k_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+            pixel = y * kv_sy + x * kv_sx
+            k_t = tl.load(k_base + dk[:, None] * kv_sc + pixel[None, :],
+                          mask=dk_ok[:, None] & inside[None, :], other=0.0)  # (BLOCK_DK, BLOCK_K)
+            logits = tl.dot(q, k_t, input_precision=PRECISION) * qk_factor
+            # Relative logits: row offset ky - qy, column offset kx - qx, read from this
+            # program's tables (indices clamped where query or key is padding).
+            valid = q_ok[:, None] & k_ok[None, :]
+            h_index = tl.where(valid, ky[None, :] - qy[:, None] + WIN - 1, 0)
+            w_index = tl.where(valid, kx[None, :] - qx[:, None] + WIN - 1, 0)
+            rel = tl.gather(q_height, h_index, 1) + tl.gather(q_width, w_index, 1)
+            logits += rel * rel_factor
+            logits = tl.where(k_ok[None, :], logits, float("-inf"))
+
+            new_max = tl.maximum(row_max, tl.max(logits, 1))
+            p = tl.exp2(logits - new_max[:, None])
+            correction = tl.exp2(row_max - new_max)
+            row_sum = row_sum * correction + tl.sum(p, 1)
+            v = tl.load(v_base + dv[None, :] * kv_sc + pixel[:, None],
+                        mask=inside[:, None] & dv_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_DV)
+            acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            row_max = new_max
+
+        out = acc / row_sum[:, None]
+        tl.store(out_ptr + b * o_sb + (h * DV + dv[None, :]) * o_sc
+                 + (block_y * BQ + qy[:, None]) * o_sy + (block_x * BQ + qx[:, None]) * o_sx,
+                 out.to(out_ptr.dtype.element_ty), mask=q_ok[:, None] & dv_ok[None, :])
+
+        if WRITE_MAPS:
+            # Second pass with the final statistics: probabilities summed over this tile's queries.
+            maps_base = maps_ptr + ((pid_bh * num_blocks + block) * q_tiles + q_tile) * (WIN * WIN)
+            for k0 in range(0, WIN * WIN, BLOCK_K):
+                kj = k0 + tl.arange(0, BLOCK_K)
+                k_ok = kj < WIN * WIN
+                ky = kj // WIN
+                kx = kj % WIN
+                y = top + ky
+                x = left + kx
+                inside = k_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+                k_t = tl.load(k_base + dk[:, None] * kv_sc + (y * kv_sy + x * kv_sx)[None, :],
+                              mask=dk_ok[:, None] & inside[None, :], other=0.0)
+                logits = tl.dot(q, k_t, input_precision=PRECISION) * qk_factor
+                valid = q_ok[:, None] & k_ok[None, :]
+                h_index = tl.where(valid, ky[None, :] - qy[:, None] + WIN - 1, 0)
+                w_index = tl.where(valid, kx[None, :] - qx[:, None] + WIN - 1, 0)
+                logits += (tl.gather(q_height, h_index, 1) + tl.gather(q_width, w_index, 1)) * rel_factor
+                p = tl.exp2(logits - row_max[:, None]) / row_sum[:, None]
+                p = tl.where(valid, p, 0.0)
+                tl.store(maps_base + kj, tl.sum(p, 0), mask=k_ok)
+
+
+def _next_power_of_2(n: int, at_least: int = 16) -> int:
+    """Triton tiles have power-of-two sides; tl.dot wants at least 16."""
+    return max(at_least, 1 << (n - 1).bit_length())
+
+
+def attend(q: Tensor, kv: Tensor, weights: HaloWeights, spec: HaloSpec,
+           with_maps: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """The kernel alone, given the projections q (B, heads*dk, Hq, Wq) and kv (B, heads*(dk+dv), H, W).
+
+    Returns the output in q's memory format and, when asked, the per-block maps (B, blocks, win, win).
+    """
+    B, _, H, W = kv.shape
+    heads, dk, dv = spec.num_heads, spec.dim_head_qk, spec.dim_head_v
+    bs, bq, win = spec.block_size, spec.query_block_size, spec.win_size
+    blocks_h, blocks_w = H // bs, W // bs
+    num_blocks = blocks_h * blocks_w
+    channels_last = q.is_contiguous(memory_format=torch.channels_last) and not q.is_contiguous()
+    out = torch.empty(B, heads * dv, blocks_h * bq, blocks_w * bq, device=q.device, dtype=q.dtype,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    block_q = min(MAX_BLOCK_Q, _next_power_of_2(bq * bq))
+    q_tiles = triton.cdiv(bq * bq, block_q)
+    maps = (torch.empty(B * heads * num_blocks * q_tiles * win * win, device=q.device, dtype=torch.float32)
+            if with_maps else out)  # an unused pointer when no maps are asked for
+    height_rel, width_rel = weights.height_rel, weights.width_rel
+    grid = (B * heads, num_blocks, q_tiles)
+    _halo_attention_kernel[grid](
+        q, kv, height_rel, width_rel, out, maps,
+        *q.stride(), *kv.stride(), *out.stride(), *height_rel.stride(),
+        H, W, blocks_w, num_blocks, q_tiles,
+        spec.scale,
+        HEADS=heads, DK=dk, DV=dv, BS=bs, BQ=bq, HALO=spec.halo_size, WIN=win,
+        SCALE_POS_EMBED=spec.scale_pos_embed, WRITE_MAPS=with_maps,
+        # fp32 stays exact fp32 (no TF32) so that it matches the reference to 1e-5.
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_Q=block_q, BLOCK_K=BLOCK_K, BLOCK_DK=_next_power_of_2(dk), BLOCK_DV=_next_power_of_2(dv),
+        BLOCK_R=_next_power_of_2(2 * win - 1),
+    )
+    if not with_maps:
+        return out, None
+    maps = maps.view(B, heads, num_blocks, q_tiles, win, win).sum(dim=(1, 3)) / (heads * bq * bq)
+    return out, maps
+
+
+def halo_attention_with_maps(
+        x: Tensor, weights: HaloWeights, spec: HaloSpec, with_maps: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Output (as ``reference.halo_attention``) and, when asked, per-block maps (B, blocks, win, win).
+
+    A map is the attention probabilities of one block averaged over heads and over the block's
+    queries: it sums to 1 over the window. The output keeps x's memory format.
+    """
+    reason = unavailable_reason(x)
+    if reason is not None:
+        raise ValueError(f"the triton halo attention backend cannot run: {reason}")
+    q = F.conv2d(x, weights.q_weight, weights.q_bias, stride=spec.block_stride)
+    kv = F.conv2d(x, weights.kv_weight, weights.kv_bias)
+    return attend(q, kv, weights, spec, with_maps)
+
+
+def halo_attention(x: Tensor, weights: HaloWeights, spec: HaloSpec) -> Tensor:
+    """Same contract as ``reference.halo_attention``, without probabilities."""
+    return halo_attention_with_maps(x, weights, spec)[0]
