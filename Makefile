@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-dev serve test bench bench-gpu
+.PHONY: install install-dev serve test bench bench-gpu train evaluate
 
 # Runtime dependencies only. The stamp makes re-runs instant until pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -30,8 +30,20 @@ test: install-dev
 
 bench: install-dev
 	$(PY) -m benchmarks.attention
+	$(PY) -m benchmarks.model
 
 # On a machine with a CUDA GPU: the Triton kernel at real sizes, then the GPU table (JSON kept).
 bench-gpu: install-dev
 	$(PY) -m pytest -q tests/unit/test_triton_kernel.py
 	$(PY) -m benchmarks.attention --device cuda --json bench-gpu.json
+	$(PY) -m benchmarks.model --device cuda --json bench-gpu-model.json
+
+# The shipped default model: train it from scratch (Fashion-MNIST from the Debian package
+# dataset-fashion-mnist), then check it. glibc keeps freed memory instead of returning it to the
+# OS on every step (fewer page faults; same numbers).
+train: install
+	MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 $(PY) -m model.train
+
+evaluate: install
+	$(PY) -m model.evaluate
+	$(PY) -m model.evaluate --via-png

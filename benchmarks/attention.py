@@ -2,7 +2,7 @@
 
 The shapes are read off timm's own models (a forward hook on every ``HaloAttn`` of
 ``halonet_h1`` and ``halonet26t`` at 256 px), so they are exactly the layers users run; on GPU
-the paper's HaloNet-H4 layers at 384 px are added. Every row times its implementations
+the paper's HaloNet-H4 layers at 384 px (from our registry) are added. Every row times its implementations
 alternately, several rounds, and reports medians, ratios and the largest absolute difference
 from timm's output.
 
@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from timm.layers.halo_attn import HaloAttn
 
-from model import HaloAttention
+from model import HaloAttention, create_model
 from model.attention import reference
 
 MODELS = ("halonet_h1", "halonet26t")
@@ -67,17 +67,24 @@ def timm_layer_shapes(model_name: str, image_size: int = 256) -> List[LayerShape
     return list(shapes)
 
 
-# HaloNet-H4 (Vaswani et al., 2021, Table 2: block 12, halo 2, bottleneck ratio 3.0, 384 px): the
-# attention layer of each stage's stride-2 first block (stage 1 has none) and of its later blocks.
-HALONET_H4_SHAPES = [
-    LayerShape("halonet_h4", 192, 192, 1, 8, 24, 12, 2, 96, 96),
-    LayerShape("halonet_h4", 384, 384, 2, 8, 48, 12, 2, 96, 96),
-    LayerShape("halonet_h4", 384, 384, 1, 8, 48, 12, 2, 48, 48),
-    LayerShape("halonet_h4", 768, 768, 2, 8, 96, 12, 2, 48, 48),
-    LayerShape("halonet_h4", 768, 768, 1, 8, 96, 12, 2, 24, 24),
-    LayerShape("halonet_h4", 1536, 1536, 2, 8, 192, 12, 2, 24, 24),
-    LayerShape("halonet_h4", 1536, 1536, 1, 8, 192, 12, 2, 12, 12),
-]
+def registry_layer_shapes(model_name: str) -> List[LayerShape]:
+    """Distinct halo attention layers of one of our registry's models at its own input size."""
+    net = create_model(model_name).eval()
+    size = net.pretrained_cfg.input_size
+    shapes: Dict[LayerShape, None] = {}
+
+    def record(layer: HaloAttention, inputs: Tuple[torch.Tensor], _output: torch.Tensor) -> None:
+        s = layer.spec
+        stride = 2 if s.block_stride == 2 or s.avg_pool else 1
+        shapes[LayerShape(model_name, layer.dim, s.num_heads * s.dim_head_v, stride, s.num_heads, s.dim_head_qk,
+                          s.block_size, s.halo_size, inputs[0].shape[2], inputs[0].shape[3])] = None
+
+    for _, layer in net.halo_layers():
+        layer.register_forward_hook(record)
+    with torch.no_grad():
+        net(torch.zeros(1, *size))
+    return list(shapes)
+
 
 # Peak memory bandwidth (GB/s) of the GPUs this benchmark is run on, by name.
 PEAK_BANDWIDTH_GBS = {"H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
@@ -240,7 +247,7 @@ def main() -> None:
             parser.error("--device cuda needs a CUDA GPU")
         batch = (args.batch or [64])[0]
         print(f"halo attention on {torch.cuda.get_device_name()}, batch {batch}, torch {torch.__version__}")
-        shapes = [s for m in MODELS for s in timm_layer_shapes(m)] + HALONET_H4_SHAPES
+        shapes = [s for m in MODELS for s in timm_layer_shapes(m)] + registry_layer_shapes("halonet_h4")
         result = run_gpu(shapes, batch, [torch.float16, torch.bfloat16], args.rounds, args.seconds, args.peak_gbs)
     else:
         print(f"halo attention, timm vs ours ({args.backend}), fp32, {torch.get_num_threads()} threads, "

@@ -103,8 +103,11 @@ def halo_attention(x: Tensor, weights: HaloWeights, spec: HaloSpec) -> Tensor:
         if spec.scale_pos_embed:
             rel_table = rel_table * spec.scale
 
-    out = x.new_empty(B, heads, dv, nh, bq, nw, bq)
-    out_blocks = out.permute(0, 3, 5, 1, 4, 6, 2)  # B, nh, nw, heads, bq, bq, dv
+    # The output keeps the input's memory format (NCHW or channels_last), written block by block.
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out = torch.empty(B, heads * dv, nh * bq, nw * bq, dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    out_blocks = out.view(B, heads, dv, nh, bq, nw, bq).permute(0, 3, 5, 1, 4, 6, 2)  # B, nh, nw, heads, bq, bq, dv
     for images, row_starts in _chunks(B, nh, nw * heads):
         xi = x[images]
         n = xi.shape[0]
@@ -135,4 +138,4 @@ def halo_attention(x: Tensor, weights: HaloWeights, spec: HaloSpec) -> Tensor:
                 q_c, k_c, v_c = (F.pad(t, (0, d - t.shape[-1])) for t in (q_c, k_c, v_c))
             attn = F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=mask, scale=spec.scale)
             out_blocks[images, rows] = attn[..., :dv].reshape(*units, bq, bq, dv)
-    return out.view(B, heads * dv, nh * bq, nw * bq)
+    return out

@@ -1,0 +1,97 @@
+"""Preprocessing: timm's eval transform on real photographs, EXIF, every PIL mode, batches, bad bytes."""
+import io
+
+import numpy as np
+import pytest
+import skimage.data
+import timm
+import torch
+from PIL import Image
+
+from model import create_model
+from model.transforms import ImageDecodeError, eval_transform, load_image, preprocess, preprocess_tensor, to_mode
+
+PHOTOS = {"astronaut": skimage.data.astronaut, "coffee": skimage.data.coffee, "chelsea": skimage.data.chelsea}
+
+
+@pytest.mark.parametrize("model_name", ["halonet26t", "sehalonet33ts"])  # crop_pct 0.95 and 0.94
+@pytest.mark.parametrize("photo", sorted(PHOTOS))
+def test_matches_timm_eval_transform(model_name: str, photo: str) -> None:
+    image = Image.fromarray(PHOTOS[photo]())
+    timm_model = timm.create_model(model_name)
+    expected = timm.data.create_transform(**timm.data.resolve_data_config({}, model=timm_model))(image)
+    actual = eval_transform(create_model(model_name).pretrained_cfg)(image)
+    assert actual.shape == expected.shape == (3, 256, 256)
+    assert (actual - expected).abs().max().item() <= 1e-3
+
+
+def test_tensor_path_matches_the_pil_path_up_to_interpolation_rounding() -> None:
+    cfg = create_model("halonet26t").pretrained_cfg
+    photo = skimage.data.coffee()
+    from_pil = eval_transform(cfg)(Image.fromarray(photo))
+    from_tensor = preprocess_tensor(torch.from_numpy(photo).permute(2, 0, 1)[None], cfg)[0]
+    assert (from_pil - from_tensor).abs().max().item() <= 0.05
+    with pytest.raises(ValueError, match="expected a uint8"):
+        preprocess_tensor(torch.zeros(1, 3, 8, 8), cfg)
+
+
+def _png(image: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **kwargs)
+    return buffer.getvalue()
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    assert load_image(buffer.getvalue()).size == (20, 40)
+
+
+def test_transparent_pixels_become_white_not_black() -> None:
+    rgba = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
+    rgba.putpixel((1, 0), (10, 20, 30, 255))
+    rgb = to_mode(load_image(_png(rgba)), 3)
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((1, 0)) == (10, 20, 30)
+    la = Image.new("LA", (1, 1), (0, 0))
+    assert to_mode(la, 1).getpixel((0, 0)) == 255
+
+
+def test_palette_with_transparency() -> None:
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    decoded = load_image(_png(palette, transparency=0))
+    assert to_mode(decoded, 3).getpixel((0, 0)) == (255, 255, 255)
+    assert to_mode(decoded, 3).getpixel((1, 0)) == (200, 100, 50)
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped() -> None:
+    image = Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16))
+    assert image.mode.startswith("I;16") or image.mode == "I"
+    values = [to_mode(image, 1).getpixel((x, 0)) for x in range(3)]
+    assert values == [0, 128, 255]
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "CMYK", "YCbCr", "RGB"])
+def test_other_modes_convert(mode: str) -> None:
+    image = Image.new(mode, (4, 4))
+    assert to_mode(image, 3).mode == "RGB" and to_mode(image, 1).mode == "L"
+
+
+def test_batch_of_mixed_sources(tmp_path) -> None:
+    cfg = create_model("halonet26t").pretrained_cfg
+    path = tmp_path / "coffee.png"
+    Image.fromarray(skimage.data.coffee()).save(path)
+    batch = preprocess([path, _png(Image.new("L", (50, 300))), Image.new("RGBA", (300, 50))], cfg)
+    assert batch.shape == (3, 3, 256, 256) and batch.dtype == torch.float32
+
+
+def test_undecodable_bytes_are_a_clear_error() -> None:
+    with pytest.raises(ImageDecodeError, match="cannot decode image"):
+        load_image(b"definitely not an image")
+    with pytest.raises(ImageDecodeError):
+        noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        load_image(_png(noise)[:500])  # a truncated PNG
