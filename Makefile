@@ -21,9 +21,9 @@ install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
+# The service on 0.0.0.0:8000 with the shipped default model (HALO_* variables: see README).
 serve: install
-	@echo "The HTTP service is not implemented yet (it is the service issue); nothing to serve." >&2
-	@exit 1
+	$(PY) -m app
 
 test: install-dev
 	$(PY) -m pytest

@@ -355,11 +355,15 @@ def list_models() -> List[str]:
     return sorted(MODEL_CONFIGS)
 
 
-def shipped_weights(name: str) -> Path:
-    """Path of the weights shipped in ``model/weights/`` for a model whose config says "shipped"."""
-    if MODEL_CONFIGS[name].pretrained.weights != "shipped":
-        raise ValueError(f"model {name!r} ships no weights")
-    return WEIGHTS_DIR / f"{name}.safetensors"
+def _config(name: str) -> HaloNetConfig:
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return MODEL_CONFIGS[name]
+
+
+def shipped_weights(name: str) -> Optional[Path]:
+    """Path of the weights shipped in ``model/weights/`` for ``name``, or None if it ships none."""
+    return WEIGHTS_DIR / f"{name}.safetensors" if _config(name).pretrained.weights == "shipped" else None
 
 
 def load_labels(label_set: str) -> List[str]:
@@ -373,9 +377,7 @@ def load_labels(label_set: str) -> List[str]:
 def create_model(name: str, num_classes: Optional[int] = None, checkpoint: Union[str, Path, None] = None,
                  backend: str = "auto") -> HaloNet:
     """Build a registered HaloNet; with ``checkpoint``, load its weights strictly (``load_checkpoint``)."""
-    if name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    model = HaloNet(MODEL_CONFIGS[name], num_classes=num_classes, backend=backend, name=name)
+    model = HaloNet(_config(name), num_classes=num_classes, backend=backend, name=name)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model

@@ -7,11 +7,11 @@ composited over white (a transparent PNG's hidden pixels are not what its viewer
 import io
 import math
 from pathlib import Path
-from typing import Callable, List, Sequence, Union
+from typing import Callable, Collection, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms import functional as TF
@@ -28,15 +28,43 @@ class ImageDecodeError(ValueError):
     """Bytes that are not an image PIL can decode."""
 
 
-def load_image(source: ImageSource) -> Image.Image:
-    """Open and fully decode an image (first frame of animations), upright per its EXIF orientation."""
+class ImageTooLargeError(ValueError):
+    """An image with more pixels than allowed (refused from its header, before decoding)."""
+
+
+class UnsupportedImageFormatError(ValueError):
+    """A decodable image in a format the caller does not accept."""
+
+
+def load_image(source: ImageSource, max_pixels: Optional[int] = None,
+               formats: Optional[Collection[str]] = None) -> Image.Image:
+    """Open and fully decode an image (first frame of animations), upright per its EXIF orientation.
+
+    ``max_pixels`` is checked on the header, before any pixel is decoded (decompression bombs);
+    ``formats`` (PIL format names such as "PNG") restricts what is accepted.
+    """
     if isinstance(source, Image.Image):
         image = source
     else:
         try:
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        except Image.DecompressionBombError as e:
+            raise ImageTooLargeError(f"image refused before decoding: {e}") from e
+        except UnidentifiedImageError as e:
+            raise ImageDecodeError("cannot decode image: not an image file in a format PIL reads") from e
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageDecodeError(f"cannot decode image: {e}") from e
+        if formats is not None and image.format not in formats:
+            raise UnsupportedImageFormatError(
+                f"image format {image.format} is not accepted; send one of {', '.join(sorted(formats))}")
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise ImageTooLargeError(
+                f"image of {image.width}x{image.height} pixels is over the limit of {max_pixels} pixels")
+        try:
             image.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except Image.DecompressionBombError as e:
+            raise ImageTooLargeError(f"image refused before decoding: {e}") from e
+        except (OSError, SyntaxError, ValueError) as e:
             raise ImageDecodeError(f"cannot decode image: {e}") from e
     return ImageOps.exif_transpose(image)
 
@@ -141,5 +169,5 @@ def preprocess_tensor(batch: Tensor, cfg: PretrainedConfig) -> Tensor:
     return TF.normalize(batch, list(cfg.mean), list(cfg.std))
 
 
-__all__: List[str] = ["ImageDecodeError", "load_image", "to_mode", "eval_transform", "fit_grayscale_transform",
+__all__: List[str] = ["ImageDecodeError", "ImageTooLargeError", "UnsupportedImageFormatError", "load_image", "to_mode", "eval_transform", "fit_grayscale_transform",
                       "build_transform", "preprocess", "preprocess_tensor", "resize_size"]

@@ -1,0 +1,1 @@
+"""The HTTP service: FastAPI app, dynamic batcher, engine (model + pre/post-processing), metrics."""

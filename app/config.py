@@ -1,0 +1,32 @@
+"""Every knob of the service, in one place: environment variables with the HALO_ prefix."""
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service settings. Each field is read from ``HALO_<NAME>`` (e.g. ``HALO_MAX_BATCH_SIZE``)."""
+
+    model_config = SettingsConfigDict(env_prefix="HALO_", protected_namespaces=())
+
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
+    model: str = Field("halonet_compact", description="registry name of the model to serve")
+    checkpoint: Optional[Path] = Field(
+        None, description="weights file (.safetensors/.pth); default: the shipped weights of models that have them")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="half precision on GPU only")
+    backend: Literal["auto", "fused", "reference", "triton"] = Field("auto", description="halo attention backend")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+    max_batch_size: int = Field(32, ge=1, description="most images in one forward pass")
+    max_wait_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill once it has one image")
+    max_queue: int = Field(512, ge=1, description="images waiting at most; beyond it requests get 503")
+    request_timeout_ms: float = Field(30000, gt=0, description="deadline of a request; images past it get 504")
+    max_body_bytes: int = Field(20 * 2 ** 20, ge=1, description="largest request body")
+    max_pixels: int = Field(40_000_000, ge=1, description="largest image (width x height), checked before decoding")
+    max_images_per_request: int = Field(64, ge=1, description="most images in one request")
+    preprocess_threads: int = Field(4, ge=1, description="threads that decode and preprocess images")
+    warmup: bool = Field(True, description="run a forward pass at every batch size bucket before /readyz says ready")
+    log_level: str = Field("info", description="uvicorn and access log level")

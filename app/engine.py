@@ -1,0 +1,132 @@
+"""The model and what surrounds it, with no HTTP: decode + preprocess, batched forward, top-k, heatmaps."""
+import base64
+import hashlib
+import os
+from typing import Dict, List, Optional, Set, Tuple
+
+import torch
+from torch import Tensor
+
+from model import create_model, load_labels
+from model import heatmaps as heatmap_pictures
+from model.halonet import HaloNet, shipped_weights
+from model.inference import prepare_for_inference
+from model.transforms import build_transform, load_image
+
+from .config import Settings
+
+# What /predict accepts, as PIL names its formats.
+ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})  # MPO: multi-picture JPEG
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("HALO_DEVICE=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def _file_digest(path: os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+class Engine:
+    """Loads the configured model once; every method below is safe to call from worker threads."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.device = resolve_device(settings.device)
+        self.dtype = DTYPES[settings.dtype]
+        checkpoint = settings.checkpoint or shipped_weights(settings.model)
+        model = create_model(settings.model, checkpoint=checkpoint, backend=settings.backend)
+        self.version = _file_digest(checkpoint) if checkpoint is not None else "untrained"
+        self.name = settings.model
+        self.parameters = sum(p.numel() for p in model.parameters())
+        self.model: HaloNet = prepare_for_inference(model, self.device, self.dtype, channels_last=True)
+        self.cfg = self.model.pretrained_cfg
+        self.transform = build_transform(self.cfg)
+        self.labels = load_labels(self.cfg.label_set) if self.cfg.label_set else [
+            str(i) for i in range(self.cfg.num_classes)]
+        self.halo_layers = dict(self.model.halo_layers())
+        self.feature_sizes = self._layer_input_sizes()
+        grids = {name: self._blocks(name) for name in self.halo_layers}
+        multi_block = [name for name in self.halo_layers if grids[name][0] >= 2 and grids[name][1] >= 2]
+        self.default_heatmap_layer: Optional[str] = multi_block[-1] if multi_block else (
+            list(self.halo_layers)[-1] if self.halo_layers else None)
+
+    def _layer_input_sizes(self) -> Dict[str, Tuple[int, int]]:
+        """The (H, W) each halo attention layer sees at the model's input size (inputs are fixed-size)."""
+        sizes: Dict[str, Tuple[int, int]] = {}
+        handles = [layer.register_forward_hook(
+            lambda m, inputs, out, name=name: sizes.__setitem__(name, tuple(inputs[0].shape[-2:])))
+            for name, layer in self.halo_layers.items()]
+        try:
+            self.forward(torch.zeros(1, *self.cfg.input_size), set())
+        finally:
+            for handle in handles:
+                handle.remove()
+        return sizes
+
+    def _blocks(self, layer: str) -> Tuple[int, int]:
+        h, w = self.feature_sizes[layer]
+        block = self.halo_layers[layer].spec.block_size
+        return h // block, w // block
+
+    def decode(self, data: bytes) -> Tensor:
+        """Image file bytes -> preprocessed (C, H, W) tensor. Raises model.transforms' errors."""
+        image = load_image(data, max_pixels=self.settings.max_pixels, formats=ACCEPTED_FORMATS)
+        return self.transform(image)
+
+    @torch.inference_mode()
+    def forward(self, batch: Tensor, heatmap_layers: Set[str]) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Class probabilities (B, classes) and, for the named layers only, per-block maps (B, blocks, win, win)."""
+        maps: Dict[str, Tensor] = {}
+        handles = [self.halo_layers[name].register_forward_hook(
+            lambda m, inputs, out, name=name: maps.__setitem__(name, m.forward_with_maps(inputs[0])[1].float().cpu()))
+            for name in heatmap_layers]
+        try:
+            x = batch.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
+            probs = self.model(x).float().softmax(-1).cpu()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return probs, maps
+
+    def top_k(self, probs: Tensor, k: int) -> List[dict]:
+        scores, indices = probs.topk(k)
+        return [dict(label=self.labels[i], index=i, score=s) for s, i in zip(scores.tolist(), indices.tolist())]
+
+    def heatmaps(self, inputs: Tensor, maps: Tensor, layer: str, fmt: str) -> dict:
+        """The heatmap payload of one image: windows, then the numbers or the pictures."""
+        spec = self.halo_layers[layer].spec
+        feature_hw = self.feature_sizes[layer]
+        image_hw = tuple(self.cfg.input_size[1:])
+        image_map = heatmap_pictures.image_map(maps, spec, feature_hw, image_hw)
+        payload = dict(layer=layer, feature_size=list(feature_hw), image_size=list(image_hw),
+                       blocks=list(self._blocks(layer)),
+                       windows=[vars(w) for w in heatmap_pictures.windows(spec, feature_hw, image_hw)])
+        if fmt == "array":
+            payload.update(block_maps=maps.tolist(), image_map=image_map.tolist())
+        else:
+            picture = heatmap_pictures.picture_of_input(inputs, self.cfg.mean, self.cfg.std)
+            payload.update(
+                overlay_png=base64.b64encode(heatmap_pictures.overlay_png(image_map, picture)).decode(),
+                mosaic_png=base64.b64encode(heatmap_pictures.mosaic_png(maps, self._blocks(layer))).decode())
+        return payload
+
+    def warmup(self) -> None:
+        """A forward pass at each power-of-two batch size up to the maximum, and one with heatmaps."""
+        size = 1
+        while size <= self.settings.max_batch_size:
+            self.forward(torch.zeros(size, *self.cfg.input_size), set())
+            size *= 2
+        if self.default_heatmap_layer:
+            self.forward(torch.zeros(1, *self.cfg.input_size), {self.default_heatmap_layer})

@@ -1,0 +1,204 @@
+"""HTTP endpoints. Parsing, validation and error mapping live here; the work is in engine and batcher."""
+import asyncio
+import base64
+import binascii
+import time
+from typing import List, Optional, Tuple
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from model.transforms import ImageDecodeError, ImageTooLargeError, UnsupportedImageFormatError
+
+from .batcher import ClientGoneError, DeadlineExceededError, Job, QueueFullError, ShuttingDownError
+from .errors import ServiceError
+from .schemas import ErrorResponse, JsonPredictRequest, ModelInfo, PredictOptions, PredictResponse
+from .service import Service
+
+router = APIRouter()
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 503, 504)}
+DISCONNECT_POLL_S = 0.05
+
+
+def service_of(request: Request) -> Service:
+    return request.app.state.service
+
+
+@router.get("/healthz", summary="The process is alive")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="The model is loaded and warmed up", responses={503: {"model": ErrorResponse}})
+async def readyz(request: Request) -> dict:
+    service = service_of(request)
+    if not service.ready:
+        raise ServiceError(503, "not_ready", service.not_ready_reason(), retry_after=1)
+    return {"status": "ready"}
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(service_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/model", response_model=ModelInfo, summary="The model being served",
+            responses={503: {"model": ErrorResponse}})
+async def model_info(request: Request) -> ModelInfo:
+    service = service_of(request)
+    engine = service.require_engine()
+    settings = service.settings
+    return ModelInfo(
+        name=engine.name, version=engine.version, classes=engine.labels, input_size=list(engine.cfg.input_size),
+        parameters=engine.parameters, backend=settings.backend, device=str(engine.device), dtype=settings.dtype,
+        halo_layers=list(engine.halo_layers), default_heatmap_layer=engine.default_heatmap_layer,
+        max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ServiceError(413, "body_too_large", f"request body of {declared} bytes is over the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # let Starlette's form parser read the body we already have
+    return body
+
+
+def _options(raw: dict) -> PredictOptions:
+    try:
+        return PredictOptions.model_validate(raw)
+    except ValidationError as e:
+        raise ServiceError(422, "invalid_options", _validation_message(e)) from e
+
+
+def _validation_message(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors())
+
+
+async def _parse(request: Request, limit: int) -> Tuple[List[bytes], PredictOptions]:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in ("multipart/form-data", "application/json"):
+        raise ServiceError(415, "unsupported_media_type",
+                           f"send multipart/form-data (field 'file') or application/json, not {content_type or 'nothing'}")
+    await _read_body(request, limit)
+    if content_type == "application/json":
+        try:
+            parsed = JsonPredictRequest.model_validate_json(request._body)
+        except ValidationError as e:
+            raise ServiceError(422, "invalid_request", _validation_message(e)) from e
+        files = []
+        for i, encoded in enumerate(parsed.images):
+            try:
+                files.append(base64.b64decode(encoded, validate=True))
+            except (binascii.Error, ValueError) as e:
+                raise ServiceError(400, "invalid_base64", f"images[{i}] is not valid base64") from e
+        return files, PredictOptions.model_validate(parsed.model_dump(exclude={"images"}))
+    form = await request.form(max_files=10_000, max_fields=1_000, max_part_size=limit)
+    uploads = form.getlist("file")
+    if not uploads:
+        raise ServiceError(422, "no_images", "multipart request has no 'file' field")
+    files = []
+    for upload in uploads:
+        if isinstance(upload, str):
+            raise ServiceError(422, "invalid_request", "the 'file' field must be a file upload, not text")
+        files.append(await upload.read())
+    return files, _options(dict(request.query_params))
+
+
+def _decode_all(service: Service, files: List[bytes]):
+    """Decode and preprocess every image of a request (runs in the preprocessing thread pool)."""
+    engine = service.require_engine()
+    tensors = []
+    for i, data in enumerate(files):
+        where = f"image {i}" if len(files) > 1 else "image"
+        if not data:
+            raise ServiceError(400, "empty_image", f"{where} is empty")
+        try:
+            tensors.append(engine.decode(data))
+        except ImageTooLargeError as e:
+            raise ServiceError(413, "image_too_large", f"{where}: {e}") from e
+        except UnsupportedImageFormatError as e:
+            raise ServiceError(415, "unsupported_image_format", f"{where}: {e}") from e
+        except ImageDecodeError as e:
+            raise ServiceError(400, "undecodable_image", f"{where}: {e}") from e
+    return tensors
+
+
+async def _watch_disconnect(request: Request, gone: List[bool]) -> None:
+    while not gone[0]:
+        if await request.is_disconnected():
+            gone[0] = True
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+@router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
+             responses=ERROR_RESPONSES,
+             summary="Classify images: top-k labels, optionally attention heatmaps",
+             openapi_extra={"requestBody": {"content": {
+                 "multipart/form-data": {"schema": {"type": "object", "properties": {
+                     "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+                 "application/json": {"schema": JsonPredictRequest.model_json_schema()}}}})
+async def predict(request: Request) -> PredictResponse:
+    """Multipart: one or more `file` fields, options in the query (`?top_k=3&heatmaps=true`).
+    JSON: `{"images": ["<base64>", ...], "top_k": 3, "heatmaps": true}`."""
+    service = service_of(request)
+    settings = service.settings
+    deadline = time.monotonic() + settings.request_timeout_ms / 1000
+    engine = service.require_ready()
+    files, options = await _parse(request, settings.max_body_bytes)
+    if len(files) > settings.max_images_per_request:
+        raise ServiceError(413, "too_many_images",
+                           f"{len(files)} images in one request; the limit is {settings.max_images_per_request}")
+    if options.top_k > len(engine.labels):
+        raise ServiceError(422, "invalid_options", f"top_k must be at most {len(engine.labels)} (the class count)")
+    layer: Optional[str] = None
+    if options.heatmaps:
+        layer = options.heatmap_layer or engine.default_heatmap_layer
+        if layer not in engine.halo_layers:
+            raise ServiceError(422, "invalid_options", f"heatmap_layer {layer!r} is not a halo attention layer; "
+                                                       f"choose one of {', '.join(engine.halo_layers)}")
+    tensors = await asyncio.get_running_loop().run_in_executor(service.preprocess_pool, _decode_all, service, files)
+
+    loop, gone = asyncio.get_running_loop(), [False]
+    jobs = [Job(t, layer, deadline, loop, loop.create_future(), client_gone=lambda: gone[0]) for t in tensors]
+    try:
+        service.batcher.submit(jobs)
+    except QueueFullError as e:
+        raise ServiceError(503, "overloaded", str(e), retry_after=1) from e
+    except ShuttingDownError as e:
+        raise ServiceError(503, "shutting_down", str(e), retry_after=1) from e
+    watcher = asyncio.create_task(_watch_disconnect(request, gone))
+    try:
+        results = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
+    finally:
+        watcher.cancel()
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if isinstance(failure, DeadlineExceededError):
+        raise ServiceError(504, "deadline_exceeded",
+                           f"{failure} (HALO_REQUEST_TIMEOUT_MS={settings.request_timeout_ms:g})")
+    if isinstance(failure, ClientGoneError):
+        raise ServiceError(499, "client_gone", str(failure))
+    if failure is not None:
+        raise failure
+
+    images = []
+    for tensor, result in zip(tensors, results):
+        heatmaps = None
+        if layer is not None:
+            heatmaps = await run_in_threadpool(engine.heatmaps, tensor, result.maps, layer, options.heatmap_format)
+        images.append(dict(predictions=engine.top_k(result.probs, options.top_k), heatmaps=heatmaps,
+                           timing=dict(queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3,
+                                       batch_size=result.batch_size)))
+    return PredictResponse(model=engine.name, version=engine.version, results=images)
+

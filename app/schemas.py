@@ -1,0 +1,91 @@
+"""Request and response models of the HTTP API (they also make the OpenAPI docs)."""
+from typing import List, Literal, Optional
+
+from pydantic import BaseModel, Field
+
+
+class PredictOptions(BaseModel):
+    top_k: int = Field(5, ge=1, description="how many classes to return, 1..num_classes")
+    heatmaps: bool = Field(False, description="also return attention heatmaps")
+    heatmap_format: Literal["array", "png"] = Field("array", description="numbers, or base64 PNG pictures")
+    heatmap_layer: Optional[str] = Field(
+        None, description="module name of the halo attention layer; default: the last with at least 2x2 blocks")
+
+
+class JsonPredictRequest(PredictOptions):
+    images: List[str] = Field(..., min_length=1, description="base64-encoded image files",
+                              json_schema_extra={"examples": [["iVBORw0KGgoAAAANSUhEUgAA..."]]})
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    score: float = Field(description="softmax probability")
+
+
+class BlockWindow(BaseModel):
+    block_row: int
+    block_col: int
+    feature_top: int = Field(description="window's top row in the layer's input map (may be negative: halo)")
+    feature_left: int
+    feature_size: int
+    image_top: float = Field(description="the same in input-image pixels")
+    image_left: float
+    image_size: float
+
+
+class Heatmaps(BaseModel):
+    layer: str
+    feature_size: List[int] = Field(description="height, width of the layer's input map")
+    image_size: List[int] = Field(description="height, width of the preprocessed input image")
+    blocks: List[int] = Field(description="blocks per column, per row")
+    windows: List[BlockWindow]
+    block_maps: Optional[List[List[List[float]]]] = Field(
+        None, description="array format: per block, the (win x win) attention grid; each sums to 1")
+    image_map: Optional[List[List[float]]] = Field(
+        None, description="array format: the image-level map at input size; sums to 1")
+    overlay_png: Optional[str] = Field(None, description="png format: image-level map over the input (base64)")
+    mosaic_png: Optional[str] = Field(None, description="png format: the block grids as they lie (base64)")
+
+
+class Timing(BaseModel):
+    queue_ms: float = Field(description="time waiting for a batch")
+    inference_ms: float = Field(description="the forward pass of the batch it ran in")
+    batch_size: int = Field(description="images in that forward pass")
+
+
+class ImageResult(BaseModel):
+    predictions: List[Prediction]
+    heatmaps: Optional[Heatmaps] = None
+    timing: Timing
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: str
+    results: List[ImageResult]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    classes: List[str]
+    input_size: List[int]
+    parameters: int
+    backend: str
+    device: str
+    dtype: str
+    halo_layers: List[str]
+    default_heatmap_layer: Optional[str]
+    max_batch_size: int
+    max_wait_ms: float
+    max_queue: int
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,71 @@
+"""The lifespan object: everything the app holds while it runs (no module-level state)."""
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+from .batcher import Batcher
+from .config import Settings
+from .engine import Engine
+from .errors import ServiceError
+from .metrics import Metrics
+
+log = logging.getLogger("halo.service")
+
+
+class Service:
+    """Loads and warms the model in the background, so /healthz answers while that happens and
+    /readyz says when it is done; owns the batcher and the preprocessing threads."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.preprocess_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="halo-preprocess")
+        self.engine: Optional[Engine] = None
+        self.batcher: Optional[Batcher] = None
+        self.ready = False
+        self.load_error: Optional[str] = None
+        self._loader = threading.Thread(target=self._load, name="halo-loader", daemon=True)
+
+    def start(self) -> None:
+        self._loader.start()
+
+    def _load(self) -> None:
+        try:
+            engine = Engine(self.settings)
+            if self.settings.warmup:
+                engine.warmup()
+            batcher = Batcher(engine.forward, self.settings.max_batch_size, self.settings.max_wait_ms / 1000,
+                              self.settings.max_queue, self.metrics)
+            batcher.start()
+            self.engine, self.batcher = engine, batcher
+            self.ready = True
+            log.info("model %s (%s) ready on %s", engine.name, engine.version, engine.device)
+        except Exception as e:  # the process stays up and says why in /readyz
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.exception("loading the model failed")
+
+    def wait_until_loaded(self, timeout: Optional[float] = None) -> bool:
+        self._loader.join(timeout)
+        return self.ready
+
+    def not_ready_reason(self) -> str:
+        return f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
+
+    def require_engine(self) -> Engine:
+        if self.engine is None:
+            raise ServiceError(503, "not_ready", self.not_ready_reason(), retry_after=1)
+        return self.engine
+
+    def require_ready(self) -> Engine:
+        if not self.ready:
+            raise ServiceError(503, "not_ready", self.not_ready_reason(), retry_after=1)
+        return self.require_engine()
+
+    def shutdown(self) -> None:
+        """Refuse new work, answer every accepted image, stop the threads."""
+        self.ready = False
+        if self.batcher is not None:
+            self.batcher.close()
+            self.batcher.drain(timeout=self.settings.request_timeout_ms / 1000 + 5)
+        self.preprocess_pool.shutdown(wait=True)

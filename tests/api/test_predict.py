@@ -1,0 +1,168 @@
+"""POST /predict through the ASGI app: every input kind and format, options, heatmaps, errors."""
+import base64
+import io
+import math
+
+import pytest
+from PIL import Image
+
+from .conftest import image_bytes
+
+FORMATS = {
+    "JPEG": {}, "PNG": {}, "WEBP": {}, "BMP": {}, "TIFF": {},
+}
+
+
+def _multipart(*files: bytes):
+    return [("file", (f"img{i}", data, "application/octet-stream")) for i, data in enumerate(files)]
+
+
+def _check_predictions(result: dict, top_k: int) -> None:
+    predictions = result["predictions"]
+    assert len(predictions) == top_k
+    scores = [p["score"] for p in predictions]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    assert len({p["index"] for p in predictions}) == top_k
+    assert result["timing"]["batch_size"] >= 1 and result["timing"]["inference_ms"] > 0
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_every_still_format_in_multipart(client, fmt: str) -> None:
+    response = client.post("/predict?top_k=3", files=_multipart(image_bytes(fmt)))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "halonet_compact" and len(body["version"]) == 12
+    _check_predictions(body["results"][0], 3)
+
+
+def test_gif_first_frame(client) -> None:
+    frames = [Image.new("RGB", (30, 30), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    response = client.post("/predict", files=_multipart(buffer.getvalue()))
+    assert response.status_code == 200, response.text
+
+
+def test_all_probabilities_sum_to_one(client) -> None:
+    response = client.post("/predict?top_k=10", files=_multipart(image_bytes()))
+    assert math.isclose(sum(p["score"] for p in response.json()["results"][0]["predictions"]), 1.0, abs_tol=1e-5)
+
+
+def test_several_images_in_one_multipart_request(client) -> None:
+    files = [image_bytes("PNG", color=(255, 255, 255)), image_bytes("JPEG", color=(0, 0, 0)), image_bytes("BMP")]
+    body = client.post("/predict?top_k=2", files=_multipart(*files)).json()
+    assert len(body["results"]) == 3
+    for result in body["results"]:
+        _check_predictions(result, 2)
+
+
+def test_json_base64_request_with_options(client) -> None:
+    images = [base64.b64encode(image_bytes(fmt)).decode() for fmt in ("PNG", "WEBP")]
+    response = client.post("/predict", json={"images": images, "top_k": 4})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == 2 and all(len(r["predictions"]) == 4 for r in results)
+
+
+def test_same_image_same_answer_either_way(client) -> None:
+    data = image_bytes("PNG", color=(10, 200, 90))
+    multipart = client.post("/predict?top_k=10", files=_multipart(data)).json()["results"][0]["predictions"]
+    as_json = client.post("/predict", json={"images": [base64.b64encode(data).decode()], "top_k": 10})
+    assert multipart == as_json.json()["results"][0]["predictions"]
+
+
+def test_heatmaps_as_arrays(client) -> None:
+    response = client.post("/predict?heatmaps=true", files=_multipart(image_bytes()))
+    heatmaps = response.json()["results"][0]["heatmaps"]
+    assert heatmaps["layer"] == "stages.1.1.self_attn"  # the last layer with at least 2x2 blocks
+    assert heatmaps["feature_size"] == [8, 8] and heatmaps["image_size"] == [32, 32] and heatmaps["blocks"] == [2, 2]
+    assert len(heatmaps["windows"]) == 4 and len(heatmaps["block_maps"]) == 4
+    for grid in heatmaps["block_maps"]:
+        assert len(grid) == 6 and len(grid[0]) == 6  # block 4 + halo 1 on each side
+        assert math.isclose(sum(map(sum, grid)), 1.0, abs_tol=1e-4)
+    image_map = heatmaps["image_map"]
+    assert len(image_map) == 32 and len(image_map[0]) == 32
+    assert math.isclose(sum(map(sum, image_map)), 1.0, abs_tol=1e-4)
+    assert heatmaps["windows"][3] == dict(block_row=1, block_col=1, feature_top=3, feature_left=3, feature_size=6,
+                                          image_top=12.0, image_left=12.0, image_size=24.0)
+
+
+def test_heatmaps_as_pngs_of_the_stated_sizes(client) -> None:
+    response = client.post("/predict", json={"images": [base64.b64encode(image_bytes()).decode()],
+                                              "heatmaps": True, "heatmap_format": "png",
+                                              "heatmap_layer": "stages.0.1.self_attn"})
+    heatmaps = response.json()["results"][0]["heatmaps"]
+    assert "block_maps" not in heatmaps
+    overlay = Image.open(io.BytesIO(base64.b64decode(heatmaps["overlay_png"])))
+    mosaic = Image.open(io.BytesIO(base64.b64decode(heatmaps["mosaic_png"])))
+    assert overlay.size == (32, 32) and overlay.format == "PNG"
+    assert heatmaps["blocks"] == [4, 4] and mosaic.size == (4 * (6 * 8 + 1) + 1,) * 2
+
+
+def test_requests_without_heatmaps_carry_none(client) -> None:
+    assert "heatmaps" not in client.post("/predict", files=_multipart(image_bytes())).json()["results"][0]
+
+
+@pytest.mark.parametrize("query,fragment", [
+    ("top_k=0", "top_k"), ("top_k=11", "at most 10"), ("top_k=three", "top_k"),
+    ("heatmap_format=jpeg&heatmaps=true", "heatmap_format"),
+    ("heatmaps=true&heatmap_layer=stem", "not a halo attention layer"),
+])
+def test_bad_options_are_422(client, query: str, fragment: str) -> None:
+    response = client.post(f"/predict?{query}", files=_multipart(image_bytes()))
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_options" and fragment in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("files,status,code", [
+    ([b"not an image at all"], 400, "undecodable_image"),
+    ([b""], 400, "empty_image"),
+    ([image_bytes("PNG")[:60]], 400, "undecodable_image"),
+    ([image_bytes("ICO", size=(32, 32))], 415, "unsupported_image_format"),
+    ([image_bytes("PNG", size=(1200, 1000), mode="L")], 413, "image_too_large"),  # 1.2 MP > 1 MP limit
+])
+def test_bad_images(client, files, status: int, code: str) -> None:
+    response = client.post("/predict", files=_multipart(*files))
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+def test_decompression_bomb_is_refused_from_its_header(client) -> None:
+    bomb = image_bytes("PNG", size=(20000, 20000), mode="1")  # 400 MP of zeros compresses to kilobytes
+    assert len(bomb) < 200_000
+    response = client.post("/predict", files=_multipart(bomb))
+    assert response.status_code == 413 and response.json()["error"]["code"] == "image_too_large"
+
+
+def test_one_bad_image_fails_its_request_only(client) -> None:
+    response = client.post("/predict", files=_multipart(image_bytes(), b"garbage"))
+    assert response.status_code == 400 and "image 1" in response.json()["error"]["message"]
+    assert client.post("/predict", files=_multipart(image_bytes())).status_code == 200
+
+
+def test_body_over_the_limit_is_413(client) -> None:
+    response = client.post("/predict", content=b"x" * 2_000_001, headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "image/png", ""])
+def test_unsupported_media_type_is_415(client, content_type: str) -> None:
+    response = client.post("/predict", content=image_bytes(), headers={"content-type": content_type})
+    assert response.status_code == 415 and response.json()["error"]["code"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize("payload,status", [
+    ({"images": []}, 422), ({"pictures": ["x"]}, 422), ({"images": ["!!!notbase64"]}, 400), ({"images": [5]}, 422),
+])
+def test_bad_json_bodies(client, payload: dict, status: int) -> None:
+    assert client.post("/predict", json=payload).status_code == status
+
+
+def test_invalid_json_syntax_is_422(client) -> None:
+    response = client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
+
+
+def test_multipart_without_files_is_422(client) -> None:
+    response = client.post("/predict", data={"other": "x"}, files=[("unrelated", ("a", b"b"))])
+    assert response.status_code == 422 and response.json()["error"]["code"] == "no_images"
