@@ -12,16 +12,13 @@ from timm's output.
 """
 import argparse
 import json
-import math
-import os
-import statistics
-import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from timm.layers.halo_attn import HaloAttn
 
+from benchmarks.timing import add_common_arguments, check_device, geomean, time_alternating
 from model import HaloAttention, create_model
 from model.attention import reference
 
@@ -97,31 +94,6 @@ def build_pair(shape: LayerShape, backend: str) -> Tuple[torch.nn.Module, HaloAt
     ours = HaloAttention(**kwargs, backend=backend).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     return theirs, ours
-
-
-def time_alternating(fns: List[Callable[[], object]], rounds: int, min_seconds: float,
-                     sync: Callable[[], None] = lambda: None) -> List[float]:
-    """Median seconds per call of each fn, timed in alternation so that machine noise hits all alike."""
-    for fn in fns:
-        fn()  # warm-up: allocations, lazy init, kernel compilation
-    sync()
-    samples: List[List[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, out in zip(fns, samples):
-            calls, start = 0, time.perf_counter()
-            while True:
-                fn()
-                calls += 1
-                sync()
-                elapsed = time.perf_counter() - start
-                if elapsed >= min_seconds / rounds:
-                    break
-            out.append(elapsed / calls)
-    return [statistics.median(s) for s in samples]
-
-
-def geomean(values: List[float]) -> float:
-    return math.exp(sum(map(math.log, values)) / len(values))
 
 
 def run_cpu(batches: List[int], backend: str, rounds: int, min_seconds: float) -> Dict[str, object]:
@@ -232,19 +204,13 @@ def run_gpu(shapes: List[LayerShape], batch: int, dtypes: List[torch.dtype], rou
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: 1 8 on CPU, 64 on GPU)")
+    add_common_arguments(parser, rounds=7, seconds=2.0)
     parser.add_argument("--backend", default="auto", help="our backend on CPU: auto, fused or reference")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
-    parser.add_argument("--rounds", type=int, default=7, help="alternating timing rounds per row")
-    parser.add_argument("--seconds", type=float, default=2.0, help="timing budget per implementation per row")
     parser.add_argument("--peak-gbs", type=float, help="GPU peak memory bandwidth, if the device name is not known")
-    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
+    check_device(parser, args)
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
-        if not torch.cuda.is_available():
-            parser.error("--device cuda needs a CUDA GPU")
         batch = (args.batch or [64])[0]
         print(f"halo attention on {torch.cuda.get_device_name()}, batch {batch}, torch {torch.__version__}")
         shapes = [s for m in MODELS for s in timm_layer_shapes(m)] + registry_layer_shapes("halonet_h4")

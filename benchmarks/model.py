@@ -14,13 +14,12 @@ activations of order one).
 import argparse
 import copy
 import json
-import os
 from typing import Dict, List
 
 import torch
 from torch import nn
 
-from benchmarks.attention import geomean, time_alternating
+from benchmarks.timing import add_common_arguments, check_device, geomean, time_alternating
 from model import create_model
 from model.inference import prepare_for_inference
 
@@ -95,17 +94,11 @@ def run(names: List[str], batches: List[int], device: str, dtypes: List[torch.dt
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(TIMM_MODELS), choices=TIMM_MODELS)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: 1 8 on CPU, 64 on GPU)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=3.0, help="timing budget per model per row")
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    add_common_arguments(parser, rounds=5, seconds=3.0)
     args = parser.parse_args()
+    check_device(parser, args)
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
-        if not torch.cuda.is_available():
-            parser.error("--device cuda needs a CUDA GPU")
         result = run(args.models, args.batch or [64], "cuda", [torch.float16, torch.bfloat16], args.rounds,
                      args.seconds)
     else:

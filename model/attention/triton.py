@@ -16,6 +16,7 @@ Inference only: there is no backward. ``HaloAttention`` routes anything that nee
 through the ``fused`` backend. Without CUDA the kernel runs under ``TRITON_INTERPRET=1``
 (tests use that, at small sizes).
 """
+import math
 import os
 from typing import Optional, Tuple
 
@@ -31,6 +32,7 @@ try:
 except ImportError:  # CPU-only installs ship without Triton
     triton = None
 
+LOG2E = math.log2(math.e)
 # Key tile of the online softmax. Queries per program: the whole query block up to this many.
 BLOCK_K = 64
 MAX_BLOCK_Q = 64
@@ -50,6 +52,31 @@ def unavailable_reason(x: Tensor) -> Optional[str]:
 if triton is not None:
 
     @triton.jit
+    def _window_tile_logits(q, q_height, q_width, k_base, kv_sc, kv_sy, kv_sx, k0, top, left, H, W, qy, qx, q_ok,
+                            dk, dk_ok, qk_factor, rel_factor, WIN: tl.constexpr, BLOCK_K: tl.constexpr,
+                            PRECISION: tl.constexpr):
+        """Logits (log2 units) of the queries against keys k0..k0+BLOCK_K of the window, with the
+        key indices, which keys exist, which lie inside the map, and their pixel offsets."""
+        kj = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kj < WIN * WIN
+        ky = kj // WIN
+        kx = kj % WIN
+        y = top + ky
+        x = left + kx
+        inside = k_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        pixel = y * kv_sy + x * kv_sx
+        k_t = tl.load(k_base + dk[:, None] * kv_sc + pixel[None, :],
+                      mask=dk_ok[:, None] & inside[None, :], other=0.0)  # (BLOCK_DK, BLOCK_K), zeros outside
+        logits = tl.dot(q, k_t, input_precision=PRECISION) * qk_factor
+        # Relative logits: row offset ky - qy, column offset kx - qx, read from this program's
+        # tables (indices clamped where the query or the key is padding).
+        valid = q_ok[:, None] & k_ok[None, :]
+        h_index = tl.where(valid, ky[None, :] - qy[:, None] + WIN - 1, 0)
+        w_index = tl.where(valid, kx[None, :] - qx[:, None] + WIN - 1, 0)
+        logits += (tl.gather(q_height, h_index, 1) + tl.gather(q_width, w_index, 1)) * rel_factor
+        return logits, kj, k_ok, inside, pixel
+
+    @triton.jit
     def _halo_attention_kernel(
             q_ptr, kv_ptr, height_ptr, width_ptr, out_ptr, maps_ptr,
             q_sb, q_sc, q_sy, q_sx,
@@ -57,14 +84,13 @@ if triton is not None:
             o_sb, o_sc, o_sy, o_sx,
             rel_sr, rel_sd,
             H, W, blocks_w, num_blocks, q_tiles,
-            scale,
+            qk_factor, rel_factor,
             HEADS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
             BS: tl.constexpr, BQ: tl.constexpr, HALO: tl.constexpr, WIN: tl.constexpr,
-            SCALE_POS_EMBED: tl.constexpr, WRITE_MAPS: tl.constexpr, PRECISION: tl.constexpr,
+            WRITE_MAPS: tl.constexpr, PRECISION: tl.constexpr,
             BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr,
             BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        LOG2E: tl.constexpr = 1.4426950408889634
         pid_bh = tl.program_id(0)
         block = tl.program_id(1)
         q_tile = tl.program_id(2)
@@ -93,12 +119,6 @@ if triton is not None:
         q_height = tl.dot(q, height, input_precision=PRECISION)
         q_width = tl.dot(q, width, input_precision=PRECISION)
 
-        # Logits in log2 units, so that the softmax runs on exp2.
-        qk_factor = scale * LOG2E
-        if SCALE_POS_EMBED:
-            rel_factor = scale * LOG2E
-        else:
-            rel_factor = LOG2E
 
         dv = tl.arange(0, BLOCK_DV)
         dv_ok = dv < DV
@@ -111,24 +131,9 @@ if triton is not None:
         row_sum = tl.zeros((BLOCK_Q,), tl.float32)
         acc = tl.zeros((BLOCK_Q, BLOCK_DV), tl.float32)
         for k0 in range(0, WIN * WIN, BLOCK_K):
-            kj = k0 + tl.arange(0, BLOCK_K)
-            k_ok = kj < WIN * WIN
-            ky = kj // WIN
-            kx = kj % WIN
-            y = top + ky
-            x = left + kx
-            inside = k_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-            pixel = y * kv_sy + x * kv_sx
-            k_t = tl.load(k_base + dk[:, None] * kv_sc + pixel[None, :],
-                          mask=dk_ok[:, None] & inside[None, :], other=0.0)  # (BLOCK_DK, BLOCK_K)
-            logits = tl.dot(q, k_t, input_precision=PRECISION) * qk_factor
-            # Relative logits: row offset ky - qy, column offset kx - qx, read from this
-            # program's tables (indices clamped where query or key is padding).
-            valid = q_ok[:, None] & k_ok[None, :]
-            h_index = tl.where(valid, ky[None, :] - qy[:, None] + WIN - 1, 0)
-            w_index = tl.where(valid, kx[None, :] - qx[:, None] + WIN - 1, 0)
-            rel = tl.gather(q_height, h_index, 1) + tl.gather(q_width, w_index, 1)
-            logits += rel * rel_factor
+            logits, kj, k_ok, inside, pixel = _window_tile_logits(
+                q, q_height, q_width, k_base, kv_sc, kv_sy, kv_sx, k0, top, left, H, W, qy, qx, q_ok, dk, dk_ok,
+                qk_factor, rel_factor, WIN, BLOCK_K, PRECISION)
             logits = tl.where(k_ok[None, :], logits, float("-inf"))
 
             new_max = tl.maximum(row_max, tl.max(logits, 1))
@@ -149,22 +154,11 @@ if triton is not None:
             # Second pass with the final statistics: probabilities summed over this tile's queries.
             maps_base = maps_ptr + ((pid_bh * num_blocks + block) * q_tiles + q_tile) * (WIN * WIN)
             for k0 in range(0, WIN * WIN, BLOCK_K):
-                kj = k0 + tl.arange(0, BLOCK_K)
-                k_ok = kj < WIN * WIN
-                ky = kj // WIN
-                kx = kj % WIN
-                y = top + ky
-                x = left + kx
-                inside = k_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-                k_t = tl.load(k_base + dk[:, None] * kv_sc + (y * kv_sy + x * kv_sx)[None, :],
-                              mask=dk_ok[:, None] & inside[None, :], other=0.0)
-                logits = tl.dot(q, k_t, input_precision=PRECISION) * qk_factor
-                valid = q_ok[:, None] & k_ok[None, :]
-                h_index = tl.where(valid, ky[None, :] - qy[:, None] + WIN - 1, 0)
-                w_index = tl.where(valid, kx[None, :] - qx[:, None] + WIN - 1, 0)
-                logits += (tl.gather(q_height, h_index, 1) + tl.gather(q_width, w_index, 1)) * rel_factor
+                logits, kj, k_ok, inside, pixel = _window_tile_logits(
+                    q, q_height, q_width, k_base, kv_sc, kv_sy, kv_sx, k0, top, left, H, W, qy, qx, q_ok, dk, dk_ok,
+                    qk_factor, rel_factor, WIN, BLOCK_K, PRECISION)
                 p = tl.exp2(logits - row_max[:, None]) / row_sum[:, None]
-                p = tl.where(valid, p, 0.0)
+                p = tl.where(q_ok[:, None] & k_ok[None, :], p, 0.0)
                 tl.store(maps_base + kj, tl.sum(p, 0), mask=k_ok)
 
 
@@ -198,9 +192,10 @@ def attend(q: Tensor, kv: Tensor, weights: HaloWeights, spec: HaloSpec,
         q, kv, height_rel, width_rel, out, maps,
         *q.stride(), *kv.stride(), *out.stride(), *height_rel.stride(),
         H, W, blocks_w, num_blocks, q_tiles,
-        spec.scale,
+        # Logits in log2 units (the softmax runs on exp2); position logits scaled only if asked.
+        spec.scale * LOG2E, (spec.scale if spec.scale_pos_embed else 1.0) * LOG2E,
         HEADS=heads, DK=dk, DV=dv, BS=bs, BQ=bq, HALO=spec.halo_size, WIN=win,
-        SCALE_POS_EMBED=spec.scale_pos_embed, WRITE_MAPS=with_maps,
+        WRITE_MAPS=with_maps,
         # fp32 stays exact fp32 (no TF32) so that it matches the reference to 1e-5.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_Q=block_q, BLOCK_K=BLOCK_K, BLOCK_DK=_next_power_of_2(dk), BLOCK_DV=_next_power_of_2(dv),

@@ -1,4 +1,4 @@
-"""An app serving the compact model with random weights (the API does not care what it learned)."""
+"""An app serving the compact model with random weights."""
 import io
 from pathlib import Path
 from typing import Iterator
@@ -6,18 +6,14 @@ from typing import Iterator
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from safetensors.torch import save_file
 
 from app.config import Settings
 from app.main import create_app
-from model import create_model
 
 
 @pytest.fixture(scope="session")
-def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("weights") / "halonet_compact.safetensors"
-    save_file(create_model("halonet_compact").state_dict(), path)
-    return path
+def random_checkpoint(random_compact_checkpoint: Path) -> Path:
+    return random_compact_checkpoint
 
 
 def make_settings(checkpoint: Path, **overrides) -> Settings:
