@@ -133,7 +133,10 @@ class Batcher:
             else:
                 job.future.set_result(result)
 
-        job.loop.call_soon_threadsafe(settle)
+        try:
+            job.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # its event loop is closed: nobody is waiting for this answer any more
+            pass
 
     def _run(self) -> None:
         while True:

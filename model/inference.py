@@ -35,9 +35,10 @@ def prepare_for_inference(
 ) -> nn.Module:
     """Eval mode, no gradients, BN folded, on ``device`` in ``dtype`` and layout; optionally compiled.
 
-    Half precision (fp16/bf16) is refused on CPU, where it is slower than fp32 for these models.
-    ``compile`` wraps the model in ``torch.compile`` (needs a C++ compiler on CPU; it pays off
-    on GPU, where the first calls compile for each new input shape).
+    Half precision (fp16/bf16) is refused on CPU: these models are exact in fp32 and the service
+    runs them there. ``compile`` wraps the model in ``torch.compile``; it is off by default because
+    no gain has been measured here yet (on CPU it needs a C++ compiler, and each new input shape
+    compiles on its first call).
     """
     device = torch.device(device)
     if dtype in (torch.float16, torch.bfloat16) and device.type == "cpu":
