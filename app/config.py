@@ -2,7 +2,7 @@
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,3 +30,9 @@ class Settings(BaseSettings):
     preprocess_threads: int = Field(4, ge=1, description="threads that decode and preprocess images")
     warmup: bool = Field(True, description="run a forward pass at every batch size bucket before /readyz says ready")
     log_level: str = Field("info", description="uvicorn and access log level")
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _empty_means_unset(cls, value: object) -> object:
+        """HALO_CHECKPOINT="" (as compose files and shells often pass it) means: no checkpoint given."""
+        return None if value == "" else value

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from torch import Tensor
 from starlette.concurrency import run_in_threadpool
 
 from model.transforms import ImageDecodeError, ImageTooLargeError, UnsupportedImageFormatError
@@ -90,10 +91,10 @@ async def _parse(request: Request, limit: int) -> Tuple[List[bytes], PredictOpti
     if content_type not in ("multipart/form-data", "application/json"):
         raise ServiceError(415, "unsupported_media_type",
                            f"send multipart/form-data (field 'file') or application/json, not {content_type or 'nothing'}")
-    await _read_body(request, limit)
+    body = await _read_body(request, limit)
     if content_type == "application/json":
         try:
-            parsed = JsonPredictRequest.model_validate_json(request._body)
+            parsed = JsonPredictRequest.model_validate_json(body)
         except ValidationError as e:
             raise ServiceError(422, "invalid_request", _validation_message(e)) from e
         files = []
@@ -115,7 +116,7 @@ async def _parse(request: Request, limit: int) -> Tuple[List[bytes], PredictOpti
     return files, _options(dict(request.query_params))
 
 
-def _decode_all(service: Service, files: List[bytes]):
+def _decode_all(service: Service, files: List[bytes]) -> List[Tensor]:
     """Decode and preprocess every image of a request (runs in the preprocessing thread pool)."""
     engine = service.require_engine()
     tensors = []
