@@ -6,7 +6,7 @@ import time
 from typing import List, Optional, Tuple
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from torch import Tensor
@@ -143,14 +143,13 @@ async def _watch_disconnect(request: Request, gone: List[bool]) -> None:
         await asyncio.sleep(DISCONNECT_POLL_S)
 
 
-@router.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
-             responses=ERROR_RESPONSES,
+@router.post("/predict", response_model=PredictResponse, responses=ERROR_RESPONSES,
              summary="Classify images: top-k labels, optionally attention heatmaps",
              openapi_extra={"requestBody": {"content": {
                  "multipart/form-data": {"schema": {"type": "object", "properties": {
                      "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
                  "application/json": {"schema": JsonPredictRequest.model_json_schema()}}}})
-async def predict(request: Request) -> PredictResponse:
+async def predict(request: Request) -> JSONResponse:
     """Multipart: one or more `file` fields, options in the query (`?top_k=3&heatmaps=true`).
     JSON: `{"images": ["<base64>", ...], "top_k": 3, "heatmaps": true}`."""
     service = service_of(request)
@@ -195,11 +194,14 @@ async def predict(request: Request) -> PredictResponse:
 
     images = []
     for tensor, result in zip(tensors, results):
-        heatmaps = None
+        image = dict(predictions=engine.top_k(result.probs, options.top_k),
+                     timing=dict(queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3,
+                                 batch_size=result.batch_size))
         if layer is not None:
-            heatmaps = await run_in_threadpool(engine.heatmaps, tensor, result.maps, layer, options.heatmap_format)
-        images.append(dict(predictions=engine.top_k(result.probs, options.top_k), heatmaps=heatmaps,
-                           timing=dict(queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3,
-                                       batch_size=result.batch_size)))
-    return PredictResponse(model=engine.name, version=engine.version, results=images)
+            image["heatmaps"] = await run_in_threadpool(
+                engine.heatmaps, tensor, result.maps, layer, options.heatmap_format)
+        images.append(image)
+    # Built to the PredictResponse schema (which documents it) and sent as is: validating our own
+    # output again on every request would cost more than the rest of the route.
+    return JSONResponse(dict(model=engine.name, version=engine.version, results=images))
 

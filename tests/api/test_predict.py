@@ -6,6 +6,8 @@ import math
 import pytest
 from PIL import Image
 
+from app.schemas import PredictResponse
+
 from .conftest import image_bytes
 
 FORMATS = {
@@ -97,6 +99,12 @@ def test_heatmaps_as_pngs_of_the_stated_sizes(client) -> None:
     mosaic = Image.open(io.BytesIO(base64.b64decode(heatmaps["mosaic_png"])))
     assert overlay.size == (32, 32) and overlay.format == "PNG"
     assert heatmaps["blocks"] == [4, 4] and mosaic.size == (4 * (6 * 8 + 1) + 1,) * 2
+
+
+@pytest.mark.parametrize("query", ["top_k=2", "heatmaps=true", "heatmaps=true&heatmap_format=png"])
+def test_responses_follow_the_documented_schema(client, query: str) -> None:
+    body = client.post(f"/predict?{query}", files=_multipart(image_bytes(), image_bytes("JPEG"))).json()
+    assert PredictResponse.model_validate(body).model_dump(exclude_none=True) == body
 
 
 def test_requests_without_heatmaps_carry_none(client) -> None:
