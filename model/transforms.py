@@ -113,11 +113,12 @@ def eval_transform(cfg: PretrainedConfig) -> Callable[[Image.Image], Tensor]:
 
 
 def fit_grayscale_transform(cfg: PretrainedConfig) -> Callable[[Image.Image], Tensor]:
-    """For models trained on Fashion-MNIST-like data: light objects centred on black, 28x28 inside a
-    2-pixel black border. Any photo becomes that: grayscale; inverted when its border is light
-    (a dark object on a light background); fitted into 28x28 with its aspect ratio kept, centred on
-    black. A 28x28 dark-background image passes through unchanged, so a Fashion-MNIST image saved
-    as PNG gives exactly the tensor the model was trained on."""
+    """For models trained on Fashion-MNIST-like data: light objects centred on black, filling a 28x28
+    frame inside a 2-pixel black border. Any photo becomes that: grayscale; inverted when its border
+    is light (a dark object on a light background); cropped to the object and fitted into 28x28 with
+    its aspect ratio kept, centred on black. A 28x28 image is taken as already framed and passes
+    through unchanged, so a Fashion-MNIST image saved as PNG gives exactly the tensor the model was
+    trained on."""
     side = cfg.input_size[1] - 2 * fashion_mnist.PAD
 
     def transform(image: Image.Image) -> Tensor:
@@ -127,6 +128,7 @@ def fit_grayscale_transform(cfg: PretrainedConfig) -> Callable[[Image.Image], Te
         if border.mean() > 127:
             gray = ImageOps.invert(gray)
         if gray.size != (side, side):
+            gray = _crop_to_object(gray)
             scale = side / max(gray.size)
             size = (max(1, round(gray.size[0] * scale)), max(1, round(gray.size[1] * scale)))
             canvas = Image.new("L", (side, side), 0)
@@ -136,6 +138,18 @@ def fit_grayscale_transform(cfg: PretrainedConfig) -> Callable[[Image.Image], Te
         return fashion_mnist.to_model_input(pixels, cfg.mean[0], cfg.std[0])[0]
 
     return transform
+
+
+def _crop_to_object(gray: Image.Image) -> Image.Image:
+    """Crop a light-on-dark image to the box of pixels clearly brighter than its border (the whole
+    image when nothing stands out)."""
+    pixels = np.asarray(gray, dtype=np.float32)
+    background = float(np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])))
+    foreground = pixels > background + 0.2 * (pixels.max() - background)
+    if pixels.max() - background < 16 or not foreground.any():
+        return gray
+    rows, cols = np.flatnonzero(foreground.any(1)), np.flatnonzero(foreground.any(0))
+    return gray.crop((int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
 
 
 TRANSFORMS = {"center_crop": eval_transform, "fit_grayscale": fit_grayscale_transform}
