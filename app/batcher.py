@@ -6,7 +6,9 @@ The policy, all of it here:
   overflow it is refused at once (``QueueFullError`` -> 503 with Retry-After).
 - One model thread takes the oldest image, then keeps taking until the batch holds
   ``max_batch_size`` images or ``max_wait_s`` has passed since it took the first. Images already
-  queued are taken without waiting, so under load batches fill instantly.
+  queued are taken without waiting, so under load batches fill instantly; and it waits only while
+  more images are on their way (requests being decoded, announced with ``arriving``), so a lone
+  request never waits for company that is not coming.
 - Before compute, images whose request deadline has passed are answered with
   ``DeadlineExceededError`` (-> 504) and images whose client has gone are dropped.
 - While the model thread computes, the event loop keeps accepting requests and the queue fills
@@ -17,8 +19,9 @@ import asyncio
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -78,6 +81,7 @@ class Batcher:
         self._pending = 0  # accepted images not answered yet (queued or computing)
         self._idle = threading.Condition(self._lock)
         self._closed = False
+        self._arriving = 0  # images of requests still being decoded, about to be submitted
         self._thread = threading.Thread(target=self._run, name="halo-model", daemon=True)
 
     def start(self) -> None:
@@ -86,6 +90,17 @@ class Batcher:
     @property
     def depth(self) -> int:
         return self._queue.qsize()
+
+    @contextmanager
+    def arriving(self, images: int) -> Iterator[None]:
+        """Announce images that will be submitted soon (while their request decodes them)."""
+        with self._lock:
+            self._arriving += images
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._arriving -= images
 
     def submit(self, jobs: List[Job]) -> None:
         """Enqueue all of a request's images, or none of them."""
@@ -114,6 +129,8 @@ class Batcher:
     def _collect(self, first: Job) -> List[Job]:
         batch, until = [first], time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch_size:
+            if self._queue.empty() and self._arriving == 0:
+                break  # nothing queued and nothing on its way: do not wait
             try:
                 job = self._queue.get(timeout=max(0.0, until - time.monotonic()))
             except queue.Empty:

@@ -9,6 +9,7 @@ from typing import AsyncIterator, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import Settings
 from .errors import ServiceError, error_json
@@ -16,6 +17,47 @@ from .routes import router
 from .service import Service
 
 access_log = logging.getLogger("halo.access")
+
+
+class RequestContextMiddleware:
+    """Request id (X-Request-ID honoured or generated, and returned), access log line, metrics.
+
+    Plain ASGI rather than ``@app.middleware("http")``: the latter runs every request through an
+    extra task and stream, a cost the batching path would pay on each image."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")[:128]
+        request_id = given if given.isprintable() and given else uuid.uuid4().hex
+        status, started = 500, time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            path = route.path if route is not None else "unmatched"
+            service: Optional[Service] = getattr(scope["app"].state, "service", None)
+            if service is not None:
+                service.metrics.requests.labels(path, str(status)).inc()
+                service.metrics.latency.labels(path, str(status)).observe(elapsed)
+            if access_log.isEnabledFor(logging.INFO):
+                client = scope.get("client")
+                access_log.info(json.dumps({
+                    "request_id": request_id, "method": scope["method"], "path": scope["path"], "status": status,
+                    "ms": round(elapsed * 1e3, 2), "client": client[0] if client else None}))
 
 
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
@@ -52,23 +94,5 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         logging.getLogger("halo.service").exception("unhandled error in %s", request.url.path)
         return error_json(500, "internal_error", f"{type(error).__name__}: {error}")
 
-    @app.middleware("http")
-    async def request_id_logs_and_metrics(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        started = time.perf_counter()
-        response = await call_next(request)
-        elapsed = time.perf_counter() - started
-        response.headers["X-Request-ID"] = request_id
-        route = request.scope.get("route")
-        path = route.path if route is not None else "unmatched"
-        service: Optional[Service] = getattr(request.app.state, "service", None)
-        if service is not None:
-            service.metrics.requests.labels(path, str(response.status_code)).inc()
-            service.metrics.latency.labels(path, str(response.status_code)).observe(elapsed)
-        access_log.info(json.dumps({
-            "request_id": request_id, "method": request.method, "path": request.url.path,
-            "status": response.status_code, "ms": round(elapsed * 1e3, 2),
-            "client": request.client.host if request.client else None}))
-        return response
-
+    app.add_middleware(RequestContextMiddleware)
     return app

@@ -21,7 +21,6 @@ from .service import Service
 
 router = APIRouter()
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 503, 504)}
-DISCONNECT_POLL_S = 0.05
 
 
 def service_of(request: Request) -> Service:
@@ -136,11 +135,13 @@ def _decode_all(service: Service, files: List[bytes]) -> List[Tensor]:
 
 
 async def _watch_disconnect(request: Request, gone: List[bool]) -> None:
-    while not gone[0]:
-        if await request.is_disconnected():
+    """Once the body is read, the next ASGI message can only be the client's disconnect: wait for it
+    (no polling), and mark the request's images so the batcher drops them."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
             gone[0] = True
             return
-        await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 @router.post("/predict", response_model=PredictResponse, responses=ERROR_RESPONSES,
@@ -168,16 +169,16 @@ async def predict(request: Request) -> JSONResponse:
         if layer not in engine.halo_layers:
             raise ServiceError(422, "invalid_options", f"heatmap_layer {layer!r} is not a halo attention layer; "
                                                        f"choose one of {', '.join(engine.halo_layers)}")
-    tensors = await asyncio.get_running_loop().run_in_executor(service.preprocess_pool, _decode_all, service, files)
-
     loop, gone = asyncio.get_running_loop(), [False]
-    jobs = [Job(t, layer, deadline, loop, loop.create_future(), client_gone=lambda: gone[0]) for t in tensors]
-    try:
-        service.batcher.submit(jobs)
-    except QueueFullError as e:
-        raise ServiceError(503, "overloaded", str(e), retry_after=1) from e
-    except ShuttingDownError as e:
-        raise ServiceError(503, "shutting_down", str(e), retry_after=1) from e
+    with service.batcher.arriving(len(files)):
+        tensors = await loop.run_in_executor(service.preprocess_pool, _decode_all, service, files)
+        jobs = [Job(t, layer, deadline, loop, loop.create_future(), client_gone=lambda: gone[0]) for t in tensors]
+        try:
+            service.batcher.submit(jobs)
+        except QueueFullError as e:
+            raise ServiceError(503, "overloaded", str(e), retry_after=1) from e
+        except ShuttingDownError as e:
+            raise ServiceError(503, "shutting_down", str(e), retry_after=1) from e
     watcher = asyncio.create_task(_watch_disconnect(request, gone))
     try:
         results = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
