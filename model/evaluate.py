@@ -11,7 +11,6 @@ import io
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 

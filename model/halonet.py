@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
-import torch
 from torch import Tensor, nn
 
 from .attention import HaloAttention

@@ -45,7 +45,7 @@ def windows(spec: HaloSpec, feature_hw: Tuple[int, int], image_hw: Tuple[int, in
 def image_map(maps: Tensor, spec: HaloSpec, feature_hw: Tuple[int, int], image_hw: Tuple[int, int]) -> Tensor:
     """(blocks, win, win) grids -> one (H_image, W_image) map that sums to 1."""
     H, W = feature_hw
-    halo, bs = spec.halo_size, spec.block_size
+    halo = spec.halo_size
     canvas = maps.new_zeros(H + 2 * halo, W + 2 * halo)
     for grid, window in zip(maps, windows(spec, feature_hw, image_hw)):
         top, left = window.feature_top + halo, window.feature_left + halo

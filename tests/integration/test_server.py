@@ -1,5 +1,4 @@
 """Against real uvicorn processes: batching, isolation of results, backpressure, deadlines, SIGTERM."""
-import base64
 import io
 import signal
 import threading
