@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-dev serve test bench bench-gpu train evaluate
+.PHONY: install install-dev serve test bench bench-gpu train evaluate loadtest
 
 # Runtime dependencies only. The stamp makes re-runs instant until pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -47,3 +47,9 @@ train: install
 evaluate: install
 	$(PY) -m model.evaluate
 	$(PY) -m model.evaluate --via-png
+
+# Locust against the service (started here, or HALO_URL); report in loadtest-report/.
+LOADTEST_USERS ?= 16
+LOADTEST_DURATION ?= 60
+loadtest: install-dev
+	$(PY) -m benchmarks.loadtest --users $(LOADTEST_USERS) --duration $(LOADTEST_DURATION)

@@ -1,0 +1,26 @@
+"""`make loadtest` in its short mode: Locust runs against a real server and the report is complete."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.server import ROOT
+
+pytestmark = pytest.mark.slow
+REPORT_FILES = ["locust.html", "locust_stats.csv", "locust_stats_history.csv", "throughput.png", "latency.png",
+                "by_users.png", "summary.md"]
+
+
+def test_short_load_test_writes_its_report_and_fails_nothing(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "benchmarks.loadtest", "--users", "8", "--spawn-rate", "4",
+                             "--duration", "20", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for name in REPORT_FILES:
+        assert (tmp_path / name).stat().st_size > 0, name
+    aggregated = next(line for line in (tmp_path / "locust_stats.csv").read_text().splitlines()
+                      if ",Aggregated," in line)
+    requests, failures = (int(v) for v in aggregated.split(",")[2:4])
+    assert requests > 50 and failures == 0
+    assert "| Aggregated |" in (tmp_path / "summary.md").read_text()
