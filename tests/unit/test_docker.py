@@ -1,0 +1,51 @@
+"""The images, checked as far as a machine without a Docker engine can: hadolint, and everything
+the Dockerfiles copy or set exists in the project and its settings."""
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from app.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cuda"]
+HADOLINT = Path(sys.executable).parent / "hadolint"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_is_clean(dockerfile: Path) -> None:
+    # Rules ignored in the files themselves carry their reason on the line above.
+    result = subprocess.run([str(HADOLINT), "--no-color", str(dockerfile)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_copied_paths_exist_and_are_not_docker_ignored(dockerfile: Path) -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    sources = [s for line in re.findall(r"^COPY (.+) \S+$", dockerfile.read_text(), flags=re.M) for s in line.split()]
+    assert sources
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        assert source not in ignored, source
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_service_settings_named_in_dockerfiles_exist(dockerfile: Path) -> None:
+    fields = {f"HALO_{name.upper()}" for name in Settings.model_fields}
+    assert set(re.findall(r"HALO_[A-Z_]+", dockerfile.read_text())) <= fields
+    assert "EXPOSE 8000" in dockerfile.read_text() and Settings().port == 8000
+
+
+@pytest.mark.slow
+def test_installed_package_carries_the_default_model(tmp_path: Path) -> None:
+    """The images `pip install .`: the wheel must hold the shipped weights and class names."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+                   check=True, capture_output=True)
+    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    for needed in ("model/weights/halonet_compact.safetensors", "model/labels/fashion_mnist.txt",
+                   "model/labels/imagenet1k.txt", "app/main.py"):
+        assert needed in names, needed
