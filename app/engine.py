@@ -2,12 +2,13 @@
 import base64
 import hashlib
 import os
-from typing import Dict, List, Optional, Set, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
 
-from model import create_model, load_labels
+from model import HaloAttention, create_model, load_labels
 from model import heatmaps as heatmap_pictures
 from model.halonet import HaloNet, shipped_weights
 from model.inference import prepare_for_inference
@@ -65,15 +66,20 @@ class Engine:
     def _layer_input_sizes(self) -> Dict[str, Tuple[int, int]]:
         """The (H, W) each halo attention layer sees at the model's input size (inputs are fixed-size)."""
         sizes: Dict[str, Tuple[int, int]] = {}
-        handles = [layer.register_forward_hook(
-            lambda m, inputs, out, name=name: sizes.__setitem__(name, tuple(inputs[0].shape[-2:])))
-            for name, layer in self.halo_layers.items()]
-        try:
+        with self._watching(self.halo_layers, lambda name, layer, x: sizes.__setitem__(name, tuple(x.shape[-2:]))):
             self.forward(torch.zeros(1, *self.cfg.input_size), set())
+        return sizes
+
+    @contextmanager
+    def _watching(self, layers: Iterable[str], see: Callable[[str, HaloAttention, Tensor], None]) -> Iterator[None]:
+        """Call ``see(name, layer, input)`` at every forward of the named halo layers, while inside."""
+        handles = [self.halo_layers[name].register_forward_hook(
+            lambda layer, inputs, _output, name=name: see(name, layer, inputs[0])) for name in layers]
+        try:
+            yield
         finally:
             for handle in handles:
                 handle.remove()
-        return sizes
 
     def _blocks(self, layer: str) -> Tuple[int, int]:
         h, w = self.feature_sizes[layer]
@@ -89,15 +95,10 @@ class Engine:
     def forward(self, batch: Tensor, heatmap_layers: Set[str]) -> Tuple[Tensor, Dict[str, Tensor]]:
         """Class probabilities (B, classes) and, for the named layers only, per-block maps (B, blocks, win, win)."""
         maps: Dict[str, Tensor] = {}
-        handles = [self.halo_layers[name].register_forward_hook(
-            lambda m, inputs, out, name=name: maps.__setitem__(name, m.forward_with_maps(inputs[0])[1].float().cpu()))
-            for name in heatmap_layers]
-        try:
+        with self._watching(heatmap_layers,
+                            lambda name, layer, x: maps.__setitem__(name, layer.forward_with_maps(x)[1].float().cpu())):
             x = batch.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
             probs = self.model(x).float().softmax(-1).cpu()
-        finally:
-            for handle in handles:
-                handle.remove()
         return probs, maps
 
     def top_k(self, probs: Tensor, k: int) -> List[dict]:
