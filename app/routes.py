@@ -102,7 +102,7 @@ async def _parse(request: Request, limit: int) -> Tuple[List[bytes], PredictOpti
                 files.append(base64.b64decode(encoded, validate=True))
             except (binascii.Error, ValueError) as e:
                 raise ServiceError(400, "invalid_base64", f"images[{i}] is not valid base64") from e
-        return files, PredictOptions.model_validate(parsed.model_dump(exclude={"images"}))
+        return files, parsed  # a JsonPredictRequest is a PredictOptions, already validated
     form = await request.form(max_files=10_000, max_fields=1_000, max_part_size=limit)
     uploads = form.getlist("file")
     if not uploads:
