@@ -19,7 +19,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="half precision on GPU only")
     backend: Literal["auto", "fused", "reference", "triton"] = Field("auto", description="halo attention backend")
-    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+    threads: int = Field(
+        0, ge=0, description="torch CPU threads of the model; 0 = one per core but one (at least 1), so that the "
+                             "event loop and image decoding keep a core")
     max_batch_size: int = Field(32, ge=1, description="most images in one forward pass")
     max_wait_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill once it has one image")
     max_queue: int = Field(512, ge=1, description="images waiting at most; beyond it requests get 503")
