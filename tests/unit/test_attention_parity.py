@@ -28,10 +28,12 @@ CASES = [
     (dict(dim=16, num_heads=2, block_size=4, halo_size=1, qkv_bias=True), (2, 16, 8, 8)),
     (dict(dim=16, num_heads=2, block_size=8, halo_size=3), (1, 16, 16, 24)),
     (dict(dim=64, num_heads=8, block_size=8, halo_size=3, stride=2), (2, 64, 16, 16)),
-    # Maps of one block (the fused path merges their halo into one key), narrow and wide heads.
+    # Maps of one block: most of the window is zero padding; narrow and wide heads, stride 2 both ways.
     (dict(dim=16, num_heads=2, block_size=8, halo_size=3), (2, 16, 8, 8)),
     (dict(dim=64, num_heads=2, block_size=4, halo_size=2, stride=2, scale_pos_embed=True), (1, 64, 4, 4)),
     (dict(dim=16, num_heads=2, block_size=4, halo_size=1, qkv_bias=True, dim_head=12), (2, 16, 4, 4)),
+    (dict(dim=16, num_heads=2, block_size=4, halo_size=1, stride=2, avg_down=True), (2, 16, 4, 4)),
+    (dict(dim=32, num_heads=2, block_size=2, halo_size=3, qk_ratio=0.5), (3, 32, 2, 2)),
     # Wide heads (> 16): the fused path builds position logits another way for them.
     (dict(dim=64, num_heads=2, block_size=4, halo_size=2), (2, 64, 8, 12)),
     (dict(dim=64, num_heads=2, block_size=4, halo_size=1, stride=2, scale_pos_embed=True), (1, 64, 8, 8)),
