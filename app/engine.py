@@ -51,7 +51,8 @@ class Engine:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        torch.set_num_threads(settings.threads or default_model_threads())
+        self.threads = settings.threads or default_model_threads()
+        torch.set_num_threads(self.threads)
         self.device = resolve_device(settings.device)
         self.dtype = DTYPES[settings.dtype]
         checkpoint = settings.checkpoint or shipped_weights(settings.model)

@@ -75,6 +75,7 @@ class ModelInfo(BaseModel):
     backend: str
     device: str
     dtype: str
+    threads: int = Field(description="torch CPU threads of the model")
     halo_layers: List[str]
     default_heatmap_layer: Optional[str]
     max_batch_size: int

@@ -36,7 +36,7 @@ def test_failed_load_keeps_the_process_up_and_says_why(tmp_path) -> None:
 def test_model_info(client) -> None:
     info = client.get("/v1/model").json()
     assert info["name"] == "halonet_compact" and len(info["classes"]) == 10 and info["input_size"] == [1, 32, 32]
-    assert info["parameters"] > 0 and info["device"] == "cpu" and info["max_batch_size"] == 8
+    assert info["parameters"] > 0 and info["device"] == "cpu" and info["max_batch_size"] == 8 and info["threads"] == 1
     assert info["default_heatmap_layer"] == "stages.1.1.self_attn"
 
 
