@@ -28,9 +28,11 @@ from torch import Tensor
 from .reference import relative_position_index
 from .spec import HaloSpec, HaloWeights
 
-# Block x head pairs per chunk, chosen by measurement on the halonet shapes: 16 to 128 are
-# within noise of each other, 256 is slower on the largest maps (docs/performance.md).
-UNITS_PER_CHUNK = 64
+# Block x head pairs per chunk, chosen by measurement on the halonet shapes: 128 against 64 is
+# 5% faster over the halonet_h1 rows (up to 17% on the 64x64 and 32x32 maps, fewer ops per
+# image), within 3% either way on the small maps; 256 and more are slower at batch 8
+# (docs/performance.md).
+UNITS_PER_CHUNK = 128
 
 
 def _project_channels_last(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
