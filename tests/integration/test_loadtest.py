@@ -1,6 +1,5 @@
 """`make loadtest` in its short mode: Locust runs against a real server and the report is complete;
 and the load-test image's files run it on their own."""
-import re
 import shutil
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.server import ROOT
+from tests.dockerfiles import copy_instructions
 
 pytestmark = pytest.mark.slow
 REPORT_FILES = ["locust.html", "locust_stats.csv", "locust_stats_history.csv", "throughput.png", "latency.png",
@@ -32,9 +32,7 @@ def test_short_load_test_writes_its_report_and_fails_nothing(tmp_path: Path) -> 
 def test_the_load_test_image_files_alone_run_against_a_url(tmp_path: Path, start_server) -> None:
     """docker/Dockerfile.loadtest copies only a few files and installs no torch: they must be enough."""
     image = tmp_path / "image"
-    dockerfile = (ROOT / "docker" / "Dockerfile.loadtest").read_text()
-    for line in re.findall(r"^COPY (.+)$", dockerfile, flags=re.M):
-        *sources, destination = line.split()
+    for sources, destination in copy_instructions(ROOT / "docker" / "Dockerfile.loadtest"):
         (image / destination).mkdir(parents=True, exist_ok=True)
         for source in sources:
             shutil.copy(ROOT / source, image / destination)

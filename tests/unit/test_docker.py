@@ -1,6 +1,5 @@
 """The images, checked as far as a machine without a Docker engine can: hadolint, and everything
 the Dockerfiles copy or set exists in the project and its settings."""
-import fnmatch
 import re
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
+from tests.dockerfiles import copy_instructions, docker_ignored
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE_DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cuda"]
@@ -24,27 +24,6 @@ def test_hadolint_is_clean(dockerfile: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def copied_sources(dockerfile: Path) -> list:
-    """The project paths a Dockerfile's COPY lines take from the build context."""
-    return [s for line in re.findall(r"^COPY (.+) \S+$", dockerfile.read_text(), flags=re.M) for s in line.split()]
-
-
-def docker_ignored(path: str) -> bool:
-    """.dockerignore's rule: the last pattern that matches the path or a folder above it decides,
-    and a ``!`` pattern takes the path back in."""
-    parts = path.split("/")
-    ignored = False
-    for line in (ROOT / ".dockerignore").read_text().splitlines():
-        pattern = line.strip()
-        if not pattern or pattern.startswith("#"):
-            continue
-        keep = pattern.startswith("!")
-        pattern = pattern.lstrip("!")
-        if any(fnmatch.fnmatch("/".join(parts[:n]), pattern) for n in range(1, len(parts) + 1)):
-            ignored = not keep
-    return ignored
-
-
 def test_dockerignore_rule_reads_exceptions() -> None:
     assert docker_ignored("tests/unit/test_docker.py") and docker_ignored(".venv/bin/python")
     assert not docker_ignored("tests/load/locustfile.py") and not docker_ignored("model/halonet.py")
@@ -52,7 +31,7 @@ def test_dockerignore_rule_reads_exceptions() -> None:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_copied_paths_exist_and_are_not_docker_ignored(dockerfile: Path) -> None:
-    sources = copied_sources(dockerfile)
+    sources = [source for sources, _ in copy_instructions(dockerfile) for source in sources]
     assert sources
     for source in sources:
         assert (ROOT / source).exists(), source

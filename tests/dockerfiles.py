@@ -1,0 +1,32 @@
+"""Reading the project's Dockerfiles and .dockerignore as Docker does, for the tests that check them."""
+import fnmatch
+import re
+from pathlib import Path
+from typing import List, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def copy_instructions(dockerfile: Path) -> List[Tuple[List[str], str]]:
+    """Each COPY line's (project paths taken from the build context, destination in the image)."""
+    instructions = []
+    for line in re.findall(r"^COPY (.+)$", dockerfile.read_text(), flags=re.M):
+        *sources, destination = line.split()
+        instructions.append((sources, destination))
+    return instructions
+
+
+def docker_ignored(path: str) -> bool:
+    """.dockerignore's rule: the last pattern that matches the path or a folder above it decides,
+    and a ``!`` pattern takes the path back in."""
+    parts = path.split("/")
+    ignored = False
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        pattern = line.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        keep = pattern.startswith("!")
+        pattern = pattern.lstrip("!")
+        if any(fnmatch.fnmatch("/".join(parts[:n]), pattern) for n in range(1, len(parts) + 1)):
+            ignored = not keep
+    return ignored
