@@ -30,7 +30,7 @@ from .spec import HaloSpec, HaloWeights
 
 # Block x head pairs per chunk, chosen by measurement on the halonet shapes: 128 against 64 is
 # 5% faster over the halonet_h1 rows (up to 17% on the 64x64 and 32x32 maps, fewer ops per
-# image), within 3% either way on the small maps; 256 and more are slower at batch 8
+# image), within 3% either way on the small maps; at batch 8, 256 is mixed and 512 20-75% slower
 # (docs/performance.md).
 UNITS_PER_CHUNK = 128
 
