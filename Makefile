@@ -10,6 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e .
+	-$(PY) -m model.attention.build  # compile the CPU kernel now, not on the first request (fused serves without it)
 	touch $@
 
 # Plus the test and benchmark tools (pytest, timm as the numerical oracle, hypothesis).

@@ -1,22 +1,24 @@
 """Halo attention (Vaswani et al., 2021) with the parameters and semantics of timm's ``HaloAttn``.
 
-One module, several backends, one dispatch point (``HaloAttention._backend_for``):
+One module, several backends, one dispatch point (``HaloAttention.backend_for``):
 
 - ``reference``: exact, readable, materializes the attention probabilities (tests, heatmaps).
 - ``fused``: the fast path in PyTorch ops (CPU and any device); trainable.
+- ``cpp``: the compiled CPU kernel (float32; built on first use); inference only.
 - ``triton``: the fused GPU kernel (CUDA, or emulated with ``TRITON_INTERPRET=1``); inference only.
-- ``auto``: ``triton`` for CUDA inputs when Triton is installed and no gradient is needed, else
-  ``fused``.
+- ``auto``: for inference, ``triton`` on CUDA inputs when Triton is installed and ``cpp`` on
+  float32 CPU inputs when the kernel builds; else ``fused``.
 
-A backend that cannot run is never replaced silently by a slower one: forcing it raises. The one
-routing rule: the Triton kernel has no backward, so a call that needs gradients runs ``fused``.
+A backend that cannot run is never replaced silently by a slower one: forcing it raises, and
+when ``auto`` cannot build the C++ kernel it logs why, once. The one routing rule: the
+compiled kernels have no backward, so a call that needs gradients runs ``fused``.
 """
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from . import fused, reference
+from . import cpp, fused, reference
 from . import triton as triton_kernel
 from .spec import HaloSpec, HaloWeights
 
@@ -27,6 +29,7 @@ Backend = Callable[[Tensor, HaloWeights, HaloSpec], Tensor]
 BACKENDS: Dict[str, Backend] = {
     "reference": lambda x, weights, spec: reference.halo_attention(x, weights, spec)[0],
     "fused": fused.halo_attention,
+    "cpp": cpp.halo_attention,
     "triton": triton_kernel.halo_attention,
 }
 _CHOICES = tuple(BACKENDS) + ("auto",)
@@ -116,7 +119,7 @@ class HaloAttention(nn.Module):
         return name
 
     def set_backend(self, name: str) -> None:
-        """Switch the implementation (``reference``, ``fused``, ``triton`` or ``auto``)."""
+        """Switch the implementation (``reference``, ``fused``, ``cpp``, ``triton`` or ``auto``)."""
         self.backend = self._check_backend_name(name)
 
     def weights(self) -> HaloWeights:
@@ -137,25 +140,30 @@ class HaloAttention(nn.Module):
     def _needs_grad(self, x: Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
-    def _backend_for(self, x: Tensor) -> str:
+    def backend_for(self, x: Tensor) -> str:
         """The one dispatch point: resolve ``auto`` and refuse a backend that cannot run here."""
+        kernels = {"triton": triton_kernel.unavailable_reason, "cpp": cpp.unavailable_reason}
         if self.backend == "auto":
-            # Fused beats timm on every CPU shape measured (docs/performance.md); on CUDA the
-            # Triton kernel, which keeps the whole attention on chip, takes over.
-            if x.is_cuda and triton_kernel.unavailable_reason(x) is None and not self._needs_grad(x):
+            # The compiled kernels beat fused on every shape measured (docs/performance.md); they
+            # have no backward. cpp's reason includes a failed build, which cpp.load logs once.
+            if self._needs_grad(x):
+                return "fused"
+            if x.is_cuda and triton_kernel.unavailable_reason(x) is None:
                 return "triton"
+            if x.device.type == "cpu" and cpp.unavailable_reason(x) is None:
+                return "cpp"
             return "fused"
-        if self.backend == "triton":
-            reason = triton_kernel.unavailable_reason(x)
+        if self.backend in kernels:
+            reason = kernels[self.backend](x)
             if reason is not None:
-                raise ValueError(f"halo attention backend 'triton' is not available: {reason}")
+                raise ValueError(f"halo attention backend {self.backend!r} is not available: {reason}")
             if self._needs_grad(x):
                 return "fused"  # the kernel has no backward; fused computes the same and is trainable
         return self.backend
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        out = BACKENDS[self._backend_for(x)](x, self.weights(), self.spec)
+        out = BACKENDS[self.backend_for(x)](x, self.weights(), self.spec)
         return self.pool(out)
 
     def forward_with_maps(self, x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -166,7 +174,7 @@ class HaloAttention(nn.Module):
         elsewhere they come from the reference path, which materializes all probabilities.
         """
         self._check_input(x)
-        if self._backend_for(x) == "triton":
+        if self.backend_for(x) == "triton":
             out, maps = triton_kernel.halo_attention_with_maps(x, self.weights(), self.spec, with_maps=True)
         else:
             out, probs = reference.halo_attention(x, self.weights(), self.spec, return_probs=True)

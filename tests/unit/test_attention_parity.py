@@ -37,6 +37,10 @@ CASES = [
     # Wide heads (> 16): the fused path builds position logits another way for them.
     (dict(dim=64, num_heads=2, block_size=4, halo_size=2), (2, 64, 8, 12)),
     (dict(dim=64, num_heads=2, block_size=4, halo_size=1, stride=2, scale_pos_embed=True), (1, 64, 8, 8)),
+    # A window wider than one 16-float vector, and query blocks of 9 queries (the C++ kernel's
+    # vector and register tiles do not divide them).
+    (dict(dim=16, num_heads=2, block_size=12, halo_size=3), (1, 16, 24, 12)),
+    (dict(dim=16, num_heads=2, block_size=6, halo_size=2, stride=2), (2, 16, 12, 18)),
 ]
 IDS = [f"case{i}" for i in range(len(CASES))]
 

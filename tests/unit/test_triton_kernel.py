@@ -85,5 +85,5 @@ def test_auto_picks_triton_on_cuda_for_inference() -> None:
     layer = HaloAttention(dim=64, num_heads=8).cuda()
     x = torch.randn(1, 64, 16, 16, device="cuda")
     with torch.no_grad():
-        assert layer._backend_for(x) == "triton"
-    assert layer._backend_for(x) == "fused"  # needs gradients
+        assert layer.backend_for(x) == "triton"
+    assert layer.backend_for(x) == "fused"  # needs gradients

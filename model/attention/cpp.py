@@ -1,0 +1,97 @@
+"""Halo attention through the compiled CPU kernel (``csrc/halo_attention.cpp``); inference only.
+
+The two 1x1 projections run as PyTorch GEMMs into channels-last layout; the kernel does the
+rest per (image, block, head) in cache: no padded or unfolded window copy, no materialized
+position logits or attention matrix, and the zero-padded halo keys cost only their position
+logit (see the C++ file).
+
+The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and
+ninja are needed; about 15 s once, then cached under ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``). Where it cannot be built, ``unavailable_reason`` says why, and
+``HaloAttention`` logs that once and runs ``fused`` (or raises, when ``cpp`` was forced).
+``python -m model.attention.build`` builds it ahead (``make install`` and the Docker image do).
+"""
+import logging
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .spec import HaloSpec, HaloWeights
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "halo_attention.cpp"
+_lock = threading.Lock()
+_build_error: Optional[str] = None
+_loaded = False
+
+
+def load() -> Optional[str]:
+    """Build (or find in the cache) and load the kernel; returns why it failed, or None."""
+    global _build_error, _loaded
+    with _lock:
+        if _loaded or _build_error is not None:
+            return _build_error
+        try:
+            # Importing cpp_extension warns about CUDA on machines with a CUDA toolkit but no GPU;
+            # this build is CPU-only, so that warning is noise here.
+            cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+            level = cpp_logger.level
+            cpp_logger.setLevel(logging.ERROR)
+            try:
+                from torch.utils import cpp_extension
+            finally:
+                cpp_logger.setLevel(level)
+            cpp_extension.load(
+                name="halonet_cpu_kernel", sources=[str(SOURCE)], is_python_module=False,
+                # -fopenmp: at::parallel_for is OpenMP code inlined from ATen's headers; the library
+                # then shares the libgomp that torch has already loaded.
+                extra_cflags=["-O3", "-fopenmp", "-Wno-psabi"], extra_ldflags=["-fopenmp"], verbose=False)
+            _loaded = True
+        except Exception as error:  # a missing compiler or ninja, a read-only cache...
+            _build_error = f"could not build {SOURCE.name}: {type(error).__name__}: {error}".strip()
+            logger.warning("halo attention C++ kernel unavailable (%s); using the fused PyTorch path", _build_error)
+        return _build_error
+
+
+def unavailable_reason(x: Tensor) -> Optional[str]:
+    """Why this backend cannot run on ``x``, or None when it can (builds the kernel on first call)."""
+    if x.device.type != "cpu":
+        return f"it runs on the CPU, got a tensor on {x.device}"
+    if x.dtype != torch.float32:
+        return f"it supports float32 only, not {x.dtype}"
+    return load()
+
+
+def _project_channels_last(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """1x1 conv as one GEMM: (B, C, H, W) -> contiguous (B, H, W, C_out)."""
+    B, _, H, W = x.shape
+    out = torch.matmul(x.flatten(2).transpose(1, 2), weight.flatten(1).t())
+    if bias is not None:
+        out += bias
+    return out.view(B, H, W, -1)
+
+
+def halo_attention(x: Tensor, weights: HaloWeights, spec: HaloSpec) -> Tensor:
+    """Same contract as ``reference.halo_attention``, without probabilities and without gradients."""
+    reason = unavailable_reason(x)
+    if reason is not None:
+        raise RuntimeError(f"halo attention backend 'cpp' is not available: {reason}")
+    s = spec.block_stride
+    B, _, H, W = x.shape
+    q = _project_channels_last(x[:, :, ::s, ::s] if s > 1 else x, weights.q_weight, weights.q_bias)
+    kv = _project_channels_last(x, weights.kv_weight, weights.kv_bias)
+    # The output keeps the input's memory format (NCHW or channels_last); the kernel writes any strides.
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out = torch.empty(B, spec.num_heads * spec.dim_head_v, H // s, W // s, dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    # timm scales q.k, and the position logits too when scale_pos_embed is set.
+    position_scale = spec.scale if spec.scale_pos_embed else 1.0
+    torch.ops.halonet.halo_attention_cpu(
+        q, kv, weights.height_rel.detach().contiguous(), weights.width_rel.detach().contiguous(), out,
+        spec.num_heads, spec.block_size, spec.halo_size, s, spec.scale, position_scale)
+    return out
+
