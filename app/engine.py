@@ -66,6 +66,7 @@ class Engine:
         self.labels = load_labels(self.cfg.label_set) if self.cfg.label_set else [
             str(i) for i in range(self.cfg.num_classes)]
         self.halo_layers = dict(self.model.halo_layers())
+        self.attention_backends: Dict[str, str] = {}  # what each layer's backend ("auto") resolves to
         self.feature_sizes = self._layer_input_sizes()
         grids = {name: self._blocks(name) for name in self.halo_layers}
         multi_block = [name for name in self.halo_layers if grids[name][0] >= 2 and grids[name][1] >= 2]
@@ -73,9 +74,15 @@ class Engine:
             list(self.halo_layers)[-1] if self.halo_layers else None)
 
     def _layer_input_sizes(self) -> Dict[str, Tuple[int, int]]:
-        """The (H, W) each halo attention layer sees at the model's input size (inputs are fixed-size)."""
+        """The (H, W) each halo attention layer sees at the model's input size (inputs are fixed-size),
+        noting on the way which backend each one runs."""
         sizes: Dict[str, Tuple[int, int]] = {}
-        with self._watching(self.halo_layers, lambda name, layer, x: sizes.__setitem__(name, tuple(x.shape[-2:]))):
+
+        def see(name: str, layer: HaloAttention, x: Tensor) -> None:
+            sizes[name] = tuple(x.shape[-2:])
+            self.attention_backends[name] = layer.backend_for(x)
+
+        with self._watching(self.halo_layers, see):
             self.forward(torch.zeros(1, *self.cfg.input_size), set())
         return sizes
 

@@ -53,7 +53,8 @@ async def model_info(request: Request) -> ModelInfo:
     settings = service.settings
     return ModelInfo(
         name=engine.name, version=engine.version, classes=engine.labels, input_size=list(engine.cfg.input_size),
-        parameters=engine.parameters, backend=settings.backend, device=str(engine.device), dtype=settings.dtype,
+        parameters=engine.parameters, backend=settings.backend,
+        attention_backends=sorted(set(engine.attention_backends.values())), device=str(engine.device), dtype=settings.dtype,
         threads=engine.threads, halo_layers=list(engine.halo_layers), default_heatmap_layer=engine.default_heatmap_layer,
         max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
 

@@ -72,7 +72,9 @@ class ModelInfo(BaseModel):
     classes: List[str]
     input_size: List[int]
     parameters: int
-    backend: str
+    backend: str = Field(description="the configured halo attention backend (HALO_BACKEND)")
+    attention_backends: List[str] = Field(description="what the halo attention layers run: the configured backend, "
+                                                      "or what auto chose for this device and dtype")
     device: str
     dtype: str
     threads: int = Field(description="torch CPU threads of the model")

@@ -38,6 +38,7 @@ def test_model_info(client) -> None:
     assert info["name"] == "halonet_compact" and len(info["classes"]) == 10 and info["input_size"] == [1, 32, 32]
     assert info["parameters"] > 0 and info["device"] == "cpu" and info["max_batch_size"] == 8 and info["threads"] == 1
     assert info["default_heatmap_layer"] == "stages.1.1.self_attn"
+    assert info["backend"] == "auto" and info["attention_backends"] == ["cpp"]  # float32 on the CPU
 
 
 def test_metrics_count_requests_and_batches(client) -> None:
