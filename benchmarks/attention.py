@@ -6,7 +6,7 @@ the paper's HaloNet-H4 layers at 384 px (from our registry) are added. Every row
 alternately, several rounds, and reports medians, ratios and the largest absolute difference
 from timm's output.
 
-    python -m benchmarks.attention                 # CPU: timm vs ours (auto), fp32, batch 1 and 8
+    python -m benchmarks.attention                 # CPU: timm vs ours (auto) and fused, fp32, batch 1 and 8
     python -m benchmarks.attention --device cuda   # GPU: timm, fused, triton, SDPA; fp16 and bf16, batch 64
     python -m benchmarks.attention --json out.json
 """
@@ -96,29 +96,42 @@ def build_pair(shape: LayerShape, backend: str) -> Tuple[torch.nn.Module, HaloAt
     return theirs, ours
 
 
-def run_cpu(batches: List[int], backend: str, rounds: int, min_seconds: float) -> Dict[str, object]:
+def run_cpu(batches: List[int], backend: str, rounds: int, min_seconds: float,
+            models: Tuple[str, ...] = MODELS) -> Dict[str, object]:
+    """timm, ours (``backend``) and, for comparison, ours with the ``fused`` PyTorch path, alternately."""
     rows = []
-    for model_name in MODELS:
+    resolved = set()
+    for model_name in models:
         for shape in timm_layer_shapes(model_name):
             for batch in batches:
                 torch.manual_seed(0)
                 theirs, ours = build_pair(shape, backend)
+                _, fused = build_pair(shape, "fused")
+                fused.load_state_dict(ours.state_dict())
                 x = torch.randn(batch, shape.dim, shape.height, shape.width)
                 with torch.inference_mode():
+                    resolved.add(ours.backend_for(x))
                     err = (theirs(x) - ours(x)).abs().max().item()
-                    t_timm, t_ours = time_alternating([lambda: theirs(x), lambda: ours(x)], rounds, min_seconds)
+                    t_timm, t_ours, t_fused = time_alternating(
+                        [lambda: theirs(x), lambda: ours(x), lambda: fused(x)], rounds, min_seconds)
                 rows.append(dict(shape=asdict(shape), label=shape.label(), batch=batch, timm_ms=t_timm * 1e3,
-                                 ours_ms=t_ours * 1e3, speedup=t_timm / t_ours, max_abs_err=err))
+                                 ours_ms=t_ours * 1e3, speedup=t_timm / t_ours, fused_ms=t_fused * 1e3,
+                                 fused_speedup=t_timm / t_fused, max_abs_err=err))
                 print(f"{shape.label():<42} b{batch:<3} timm {t_timm * 1e3:9.2f} ms  ours {t_ours * 1e3:9.2f} ms"
-                      f"  x{t_timm / t_ours:5.2f}  err {err:.1e}", flush=True)
+                      f"  x{t_timm / t_ours:5.2f}  err {err:.1e}  (fused {t_fused * 1e3:9.2f} ms x{t_timm / t_fused:5.2f})",
+                      flush=True)
     summary = {}
-    for model_name in MODELS:
-        ratios = [r["speedup"] for r in rows if r["shape"]["model"] == model_name]
-        summary[model_name] = dict(geomean_speedup=geomean(ratios), min_speedup=min(ratios))
+    for model_name in models:
+        of_model = [r for r in rows if r["shape"]["model"] == model_name]
+        ratios = [r["speedup"] for r in of_model]
+        summary[model_name] = dict(geomean_speedup=geomean(ratios), min_speedup=min(ratios),
+                                   fused_geomean_speedup=geomean([r["fused_speedup"] for r in of_model]))
         print(f"{model_name}: geometric-mean speedup x{summary[model_name]['geomean_speedup']:.2f}, "
-              f"slowest shape x{summary[model_name]['min_speedup']:.2f}")
+              f"slowest shape x{summary[model_name]['min_speedup']:.2f} "
+              f"(fused alone x{summary[model_name]['fused_geomean_speedup']:.2f})")
+    print(f"ours ran: {', '.join(sorted(resolved))}")
     return dict(device="cpu", threads=torch.get_num_threads(), torch=torch.__version__, backend=backend,
-                rows=rows, summary=summary)
+                resolved_backends=sorted(resolved), rows=rows, summary=summary)
 
 
 def _unfolded_sdpa_inputs(layer: HaloAttention, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -205,7 +218,7 @@ def run_gpu(shapes: List[LayerShape], batch: int, dtypes: List[torch.dtype], rou
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, rounds=7, seconds=2.0)
-    parser.add_argument("--backend", default="auto", help="our backend on CPU: auto, fused or reference")
+    parser.add_argument("--backend", default="auto", help="our backend on CPU: auto, cpp, fused or reference")
     parser.add_argument("--peak-gbs", type=float, help="GPU peak memory bandwidth, if the device name is not known")
     args = parser.parse_args()
     check_device(parser, args)

@@ -29,3 +29,16 @@ def test_gpu_table_runs_end_to_end(capsys) -> None:
     row = result["rows"][0]
     assert row["max_abs_err"]["triton"] <= 1e-5 and row["max_abs_err"]["fused"] <= 1e-5
     assert row["kernel_gbs"] > 0 and "of 100 GB/s peak" in capsys.readouterr().out
+
+
+def test_cpu_table_runs_end_to_end(monkeypatch, capsys) -> None:
+    """Smoke run of the CPU table on one tiny timm-shaped layer: rows, ratios and what auto ran."""
+    import benchmarks.attention as bench
+    from benchmarks.attention import LayerShape
+
+    shape = LayerShape("tiny", 16, 16, 1, 2, 8, 4, 1, 8, 8)
+    monkeypatch.setattr(bench, "timm_layer_shapes", lambda model_name: [shape])
+    result = bench.run_cpu([1], "auto", rounds=1, min_seconds=0.0, models=("tiny",))
+    row = result["rows"][0]
+    assert row["max_abs_err"] <= 1e-5 and row["speedup"] > 0 and row["fused_speedup"] > 0
+    assert result["resolved_backends"] == ["cpp"] and "ours ran: cpp" in capsys.readouterr().out
