@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .spec import HaloSpec, HaloWeights
+from .spec import HaloSpec, HaloWeights, project_channels_last
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +66,6 @@ def unavailable_reason(x: Tensor) -> Optional[str]:
     return load()
 
 
-def _project_channels_last(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """1x1 conv as one GEMM: (B, C, H, W) -> contiguous (B, H, W, C_out)."""
-    B, _, H, W = x.shape
-    out = torch.matmul(x.flatten(2).transpose(1, 2), weight.flatten(1).t())
-    if bias is not None:
-        out += bias
-    return out.view(B, H, W, -1)
-
-
 def halo_attention(x: Tensor, weights: HaloWeights, spec: HaloSpec) -> Tensor:
     """Same contract as ``reference.halo_attention``, without probabilities and without gradients."""
     reason = unavailable_reason(x)
@@ -82,8 +73,8 @@ def halo_attention(x: Tensor, weights: HaloWeights, spec: HaloSpec) -> Tensor:
         raise RuntimeError(f"halo attention backend 'cpp' is not available: {reason}")
     s = spec.block_stride
     B, _, H, W = x.shape
-    q = _project_channels_last(x[:, :, ::s, ::s] if s > 1 else x, weights.q_weight, weights.q_bias)
-    kv = _project_channels_last(x, weights.kv_weight, weights.kv_bias)
+    q = project_channels_last(x[:, :, ::s, ::s] if s > 1 else x, weights.q_weight, weights.q_bias)
+    kv = project_channels_last(x, weights.kv_weight, weights.kv_bias)
     # The output keeps the input's memory format (NCHW or channels_last); the kernel writes any strides.
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     out = torch.empty(B, spec.num_heads * spec.dim_head_v, H // s, W // s, dtype=x.dtype, device=x.device,

@@ -19,29 +19,20 @@ of MB whose fresh allocations are paid again in page faults. This path instead:
 
 All ops are differentiable, so the layer stays trainable on this path.
 """
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .reference import relative_position_index
-from .spec import HaloSpec, HaloWeights
+from .spec import HaloSpec, HaloWeights, project_channels_last
 
 # Block x head pairs per chunk, chosen by measurement on the halonet shapes: 128 against 64 is
 # 5% faster over the halonet_h1 rows (up to 17% on the 64x64 and 32x32 maps, fewer ops per
 # image), within 3% either way on the small maps; at batch 8, 256 is mixed and 512 20-75% slower
 # (docs/performance.md).
 UNITS_PER_CHUNK = 128
-
-
-def _project_channels_last(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """1x1 conv as one matmul: (B, C, H, W) -> (B, H, W, C_out), reading x in place."""
-    B, _, H, W = x.shape
-    out = torch.matmul(x.flatten(2).transpose(1, 2), weight.flatten(1).t())
-    if bias is not None:
-        out = out + bias
-    return out.view(B, H, W, -1)
 
 
 def _chunks(batch: int, block_rows: int, units_per_row: int) -> Iterator[Tuple[slice, range]]:
@@ -113,9 +104,9 @@ def halo_attention(x: Tensor, weights: HaloWeights, spec: HaloSpec) -> Tensor:
     for images, row_starts in _chunks(B, nh, nw * heads):
         xi = x[images]
         n = xi.shape[0]
-        q = _project_channels_last(xi[:, :, ::s, ::s] if s > 1 else xi, weights.q_weight, weights.q_bias)
+        q = project_channels_last(xi[:, :, ::s, ::s] if s > 1 else xi, weights.q_weight, weights.q_bias)
         q = q.view(n, nh, bq, nw, bq, heads, dk).permute(0, 1, 3, 5, 2, 4, 6)  # n, nh, nw, heads, bq, bq, dk
-        kv = _project_channels_last(xi, weights.kv_weight, weights.kv_bias)
+        kv = project_channels_last(xi, weights.kv_weight, weights.kv_bias)
         kv = F.pad(kv, (0, 0) + (spec.halo_size,) * 4)  # zero halo around the map
         # Every block's window as a strided view (no copy): n, nh, nw, heads, win, win, dk + dv.
         kv = kv.unfold(1, win, bs).unfold(2, win, bs)

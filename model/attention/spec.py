@@ -55,3 +55,12 @@ def window_key_coordinates(win_size: int, device: Optional[torch.device] = None)
     ky, kx = torch.meshgrid(
         torch.arange(win_size, device=device), torch.arange(win_size, device=device), indexing="ij")
     return ky.flatten(), kx.flatten()
+
+
+def project_channels_last(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """A 1x1 convolution as one matmul: (B, C, H, W) -> contiguous (B, H, W, C_out), reading x in place."""
+    B, _, H, W = x.shape
+    out = torch.matmul(x.flatten(2).transpose(1, 2), weight.flatten(1).t())
+    if bias is not None:
+        out = out + bias
+    return out.view(B, H, W, -1)

@@ -2,20 +2,19 @@
 //
 // Inputs are the layer's two 1x1 projections in channels-last layout (computed by PyTorch's
 // GEMM before this call): q (B, Hq, Wq, heads * dk) and kv (B, H, W, heads * (dk + dv)), per head
-// k then v. For each block and head the kernel
-//   1. copies the block's queries, and the keys (transposed, so that the logit loop runs along
-//      keys in vector registers) and values of the window rows that overlap the map; within
-//      those rows, pixels outside the map get zero keys and values, as in timm's zero padding;
-//   2. computes q.k for those keys, and each query's logits against the height and width
-//      tables (q @ [height_rel; width_rel].T, the same loop);
-//   3. builds each query's logit row over the whole window: the position logit of every key,
-//      plus q.k for the keys of the overlapping rows. Window rows wholly outside the map keep
-//      only their position logit, exactly as in timm's HaloAttn, and cost no multiply-add, copy
-//      or value; then the softmax over the row;
-//   4. sums the values of the overlapping rows with those weights, writing straight into the
-//      output tensor whatever its strides.
-// Nothing of size (queries x window) leaves the core's cache, and no padded or unfolded copy of
-// the projection is ever made.
+// k then v. Queries live in vector lanes: 16 queries of a block per vector, up to 4 vectors per
+// register tile. Keys and values are read where the projection holds them, one scalar at a time
+// broadcast against the query vectors, so nothing is gathered, padded or transposed but the
+// block's own queries. For each block and head the kernel
+//   1. computes each query's logits against every row of both position tables and picks, per
+//      query, the rows its window keys use (height by key row, width by key column);
+//   2. builds the logits of every window key: its position logit, plus the scaled q.k for keys
+//      inside the map. Keys in the zero-padded halo keep only their position logit, exactly as
+//      in timm's HaloAttn, and cost no multiply-add;
+//   3. softmax over the window, per query lane;
+//   4. sums the values of the keys inside the map with those weights, and writes the result
+//      straight into the output tensor whatever its strides.
+// Nothing of size (queries x window) leaves the core's cache.
 //
 // The vector code uses GCC's vector extensions (16 floats: one AVX-512 register, two AVX2 ones).
 #include <ATen/ATen.h>
@@ -24,14 +23,16 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace {
 
-constexpr int kLanes = 16;
+constexpr int kLanes = 16;  // queries per vector
 typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
-constexpr int kQueryGroup = 4;  // queries per register tile
+constexpr int kMaxGroups = 4;  // query vectors per register tile: 64 queries, a whole 8x8 block
+constexpr int kRowsPerTile = 4;  // keys (or table rows, or value channels) per register tile
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -43,8 +44,6 @@ constexpr int kQueryGroup = 4;  // queries per register tile
 #define PER_INSTRUCTION_SET
 #endif
 
-ALWAYS_INLINE int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
-
 ALWAYS_INLINE vfloat load(const float* p) {
   vfloat v;
   __builtin_memcpy(&v, p, sizeof(v));
@@ -55,8 +54,8 @@ ALWAYS_INLINE void store(float* p, vfloat v) { __builtin_memcpy(p, &v, sizeof(v)
 
 ALWAYS_INLINE vfloat splat(float value) { return vfloat{} + value; }
 
-// exp(x) for x <= 0 (logits minus their row maximum), Cephes' single-precision polynomial
-// (about 1 ulp); below log(FLT_MIN) the result is exactly 0.
+// exp(x) for x <= 0 (logits minus their maximum), Cephes' single-precision polynomial (about
+// 1 ulp); below log(FLT_MIN) the result is exactly 0.
 ALWAYS_INLINE vfloat vexp(vfloat x) {
   const vfloat lowest = splat(-87.33654475f);
   const vint underflow = x < lowest;
@@ -82,40 +81,19 @@ ALWAYS_INLINE vfloat vexp(vfloat x) {
   return result * scale;
 }
 
-// out[i][j..j+16) = sum_c a[i][c] * bt[c][j..j+16) for rows i of a (row stride lda) and the
-// columns of bt (row stride ldb, a multiple of kLanes); rows and columns padded by the caller.
-ALWAYS_INLINE void matmul_rows_by_columns(const float* a, int64_t rows, int64_t inner, int64_t lda,
-                                          const float* bt, int64_t columns, int64_t ldb, float* out, int64_t ldo) {
-  for (int64_t i = 0; i < rows; i += kQueryGroup) {
-    for (int64_t j = 0; j < columns; j += kLanes) {
-      vfloat acc[kQueryGroup] = {};
-      for (int64_t c = 0; c < inner; ++c) {
-        const vfloat b = load(bt + c * ldb + j);
-        for (int r = 0; r < kQueryGroup; ++r) acc[r] += a[(i + r) * lda + c] * b;
-      }
-      for (int r = 0; r < kQueryGroup; ++r) store(out + (i + r) * ldo + j, acc[r]);
-    }
-  }
-}
-
-// out[i][c..c+16*kChunks) = sum_j p[i][j] * v[j][c..): the weighted sum of value rows, vectorised
-// along the value channels, kChunks vectors of them per register tile.
-template <int kChunks>
-ALWAYS_INLINE void weighted_sum(const float* p, int64_t rows, int64_t keys, int64_t ldp,
-                                const float* v, int64_t channels, int64_t ldv, float* out, int64_t ldo) {
-  for (int64_t i = 0; i < rows; i += kQueryGroup) {
-    for (int64_t c = 0; c < channels; c += kChunks * kLanes) {
-      vfloat acc[kQueryGroup][kChunks] = {};
-      for (int64_t j = 0; j < keys; ++j) {
-        vfloat value[kChunks];
-        for (int u = 0; u < kChunks; ++u) value[u] = load(v + j * ldv + c + u * kLanes);
-        for (int r = 0; r < kQueryGroup; ++r) {
-          const float weight = p[(i + r) * ldp + j];
-          for (int u = 0; u < kChunks; ++u) acc[r][u] += weight * value[u];
-        }
-      }
-      for (int r = 0; r < kQueryGroup; ++r)
-        for (int u = 0; u < kChunks; ++u) store(out + (i + r) * ldo + c + u * kLanes, acc[r][u]);
+// acc[t][g] = sum_c rows[t][c] * queries[g][c][lanes]: kRowsPerTile dot products (keys, or rows
+// of the position tables) against G vectors of queries; queries is (G, dim, kLanes).
+template <int G>
+ALWAYS_INLINE void dot_tile(const float* const* rows, const float* queries, int64_t dim,
+                            vfloat (&acc)[kRowsPerTile][G]) {
+  for (int t = 0; t < kRowsPerTile; ++t)
+    for (int g = 0; g < G; ++g) acc[t][g] = vfloat{};
+  for (int64_t c = 0; c < dim; ++c) {
+    vfloat q[G];
+    for (int g = 0; g < G; ++g) q[g] = load(queries + (g * dim + c) * kLanes);
+    for (int t = 0; t < kRowsPerTile; ++t) {
+      const float k = rows[t][c];
+      for (int g = 0; g < G; ++g) acc[t][g] += k * q[g];
     }
   }
 }
@@ -125,143 +103,160 @@ struct Geometry {
   float qk_scale, position_scale;
   int64_t q_channels() const { return heads * dk; }
   int64_t kv_channels() const { return heads * (dk + dv); }
+  int64_t rel_size() const { return 2 * win - 1; }
+  int64_t queries() const { return query_block * query_block; }
+  int64_t query_vectors() const { return (queries() + kLanes - 1) / kLanes; }
 };
 
-// Per-thread scratch buffers, sized once per parallel chunk. Keys are kept in window order
-// (row-major over the win x win window); logit rows get kLanes floats of slack for the
-// overlapping vector stores that build them.
+// Per-thread scratch, sized once per parallel chunk. Lane l of query vector g is query g * 16 + l.
 struct Scratch {
-  int64_t queries, keys_padded, dv_padded, rel_padded, row_padded;
-  std::vector<float> q, kt, v, qk, rel, row, p, out;
+  std::vector<float> queries;    // (query vectors, dk, lanes)
+  std::vector<int64_t> qy, qx;   // each query's row and column in its block
+  std::vector<float> rel;        // (kMaxGroups, 2 * rel_size, lanes): q against every table row
+  std::vector<float> rh, rw;     // (kMaxGroups, win, lanes): position logit by key row / column
+  std::vector<float> logits;     // (kMaxGroups, win * win, lanes), then the softmax weights
+  std::vector<float> values;     // (kMaxGroups, dv, lanes): the weighted sums
+  std::vector<float> zeros;      // stands in for the rows of a tile past the last one
 
-  explicit Scratch(const Geometry& g) {
-    queries = round_up(g.query_block * g.query_block, kQueryGroup);
-    keys_padded = round_up(g.win * g.win, kLanes);
-    dv_padded = round_up(g.dv, kLanes);
-    rel_padded = round_up(2 * (2 * g.win - 1), kLanes) + kLanes;
-    row_padded = keys_padded + kLanes;
-    q.assign(queries * g.dk, 0.f);
-    kt.assign(g.dk * keys_padded, 0.f);
-    v.assign(keys_padded * dv_padded, 0.f);
-    qk.assign(queries * keys_padded, 0.f);
-    rel.assign(queries * rel_padded, 0.f);
-    row.assign(row_padded, 0.f);
-    p.assign(queries * keys_padded, 0.f);
-    out.assign(queries * dv_padded, 0.f);
+  explicit Scratch(const Geometry& g)
+      : queries(g.query_vectors() * g.dk * kLanes, 0.f), qy(g.query_vectors() * kLanes, 0),
+        qx(g.query_vectors() * kLanes, 0), rel(kMaxGroups * 2 * g.rel_size() * kLanes),
+        rh(kMaxGroups * g.win * kLanes), rw(kMaxGroups * g.win * kLanes),
+        logits(kMaxGroups * g.win * g.win * kLanes), values(kMaxGroups * g.dv * kLanes),
+        zeros(std::max(g.dk, g.dv) + kRowsPerTile, 0.f) {
+    for (int64_t i = 0; i < g.queries(); ++i) {
+      qy[i] = i / g.query_block;
+      qx[i] = i % g.query_block;
+    }
   }
 };
 
-ALWAYS_INLINE float horizontal_sum(vfloat v) {
-  float total = 0.f;
-  for (int u = 0; u < kLanes; ++u) total += v[u];
-  return total;
-}
+// Where a block's window overlaps the map, in window coordinates [lo, hi).
+struct Window {
+  int64_t top, left, y_lo, y_hi, x_lo, x_hi;
+};
 
-ALWAYS_INLINE float horizontal_max(vfloat v) {
-  float best = v[0];
-  for (int u = 1; u < kLanes; ++u) best = std::max(best, v[u]);
-  return best;
+// Steps 1-4 for G query vectors starting at vector g0 of one (image, block, head).
+template <int G>
+ALWAYS_INLINE void attend_queries(const Geometry& g, const float* kv_head, const float* rel_table, float* out,
+                                  const int64_t* out_strides, const Window& w, int64_t g0, Scratch& s) {
+  const int64_t win = g.win, rel_rows = 2 * g.rel_size(), n_keys = win * win, kv_row = g.width * g.kv_channels();
+  const float* queries = s.queries.data() + g0 * g.dk * kLanes;
+  const float* rows[kRowsPerTile];
+  vfloat acc[kRowsPerTile][G];
+
+  // 1. q against every row of [height_rel; width_rel], then per lane the rows its keys use.
+  for (int64_t r = 0; r < rel_rows; r += kRowsPerTile) {
+    for (int t = 0; t < kRowsPerTile; ++t) rows[t] = r + t < rel_rows ? rel_table + (r + t) * g.dk : s.zeros.data();
+    dot_tile<G>(rows, queries, g.dk, acc);
+    for (int t = 0; t < kRowsPerTile && r + t < rel_rows; ++t)
+      for (int v = 0; v < G; ++v) store(s.rel.data() + (v * rel_rows + r + t) * kLanes, acc[t][v]);
+  }
+  for (int v = 0; v < G; ++v)
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t i = (g0 + v) * kLanes + l;
+      const float* rel = s.rel.data() + v * rel_rows * kLanes + l;
+      for (int64_t k = 0; k < win; ++k) {
+        s.rh[(v * win + k) * kLanes + l] = rel[(k - s.qy[i] + win - 1) * kLanes] * g.position_scale;
+        s.rw[(v * win + k) * kLanes + l] = rel[(g.rel_size() + k - s.qx[i] + win - 1) * kLanes] * g.position_scale;
+      }
+    }
+
+  // 2. Logits of every window key: position, plus the scaled q.k inside the map.
+  const vfloat qk_scale = splat(g.qk_scale);
+  for (int64_t ky = 0; ky < win; ++ky) {
+    for (int v = 0; v < G; ++v) {
+      const vfloat height = load(s.rh.data() + (v * win + ky) * kLanes);
+      for (int64_t kx = 0; kx < win; ++kx)
+        store(s.logits.data() + (v * n_keys + ky * win + kx) * kLanes,
+              height + load(s.rw.data() + (v * win + kx) * kLanes));
+    }
+    if (ky < w.y_lo || ky >= w.y_hi) continue;
+    const float* kv_y = kv_head + (w.top + ky) * kv_row;
+    for (int64_t kx = w.x_lo; kx < w.x_hi; kx += kRowsPerTile) {
+      for (int t = 0; t < kRowsPerTile; ++t)
+        rows[t] = kx + t < w.x_hi ? kv_y + (w.left + kx + t) * g.kv_channels() : s.zeros.data();
+      dot_tile<G>(rows, queries, g.dk, acc);
+      for (int t = 0; t < kRowsPerTile && kx + t < w.x_hi; ++t)
+        for (int v = 0; v < G; ++v) {
+          float* logit = s.logits.data() + (v * n_keys + ky * win + kx + t) * kLanes;
+          store(logit, load(logit) + acc[t][v] * qk_scale);
+        }
+    }
+  }
+
+  // 3. Softmax over the window, per lane.
+  vfloat inverse[G];
+  for (int v = 0; v < G; ++v) {
+    float* logits = s.logits.data() + v * n_keys * kLanes;
+    vfloat best = load(logits);
+    for (int64_t k = 1; k < n_keys; ++k) {
+      const vfloat x = load(logits + k * kLanes);
+      best = x > best ? x : best;
+    }
+    vfloat total = {};
+    for (int64_t k = 0; k < n_keys; ++k) {
+      const vfloat e = vexp(load(logits + k * kLanes) - best);
+      store(logits + k * kLanes, e);
+      total += e;
+    }
+    inverse[v] = 1.f / total;
+  }
+
+  // 4. Weighted sum of the values inside the map, kRowsPerTile channels at a time.
+  for (int64_t c = 0; c < g.dv; c += kRowsPerTile) {
+    for (int t = 0; t < kRowsPerTile; ++t)
+      for (int v = 0; v < G; ++v) acc[t][v] = vfloat{};
+    for (int64_t ky = w.y_lo; ky < w.y_hi; ++ky) {
+      const float* kv_y = kv_head + (w.top + ky) * kv_row + g.dk + c;
+      for (int64_t kx = w.x_lo; kx < w.x_hi; ++kx) {
+        const float* value = kv_y + (w.left + kx) * g.kv_channels();
+        vfloat weight[G];
+        for (int v = 0; v < G; ++v) weight[v] = load(s.logits.data() + (v * n_keys + ky * win + kx) * kLanes);
+        for (int t = 0; t < kRowsPerTile; ++t) {
+          const float x = c + t < g.dv ? value[t] : 0.f;
+          for (int v = 0; v < G; ++v) acc[t][v] += x * weight[v];
+        }
+      }
+    }
+    for (int t = 0; t < kRowsPerTile && c + t < g.dv; ++t)
+      for (int v = 0; v < G; ++v) store(s.values.data() + (v * g.dv + c + t) * kLanes, acc[t][v] * inverse[v]);
+  }
+  for (int v = 0; v < G; ++v)
+    for (int l = 0; l < kLanes && (g0 + v) * kLanes + l < g.queries(); ++l) {
+      const int64_t i = (g0 + v) * kLanes + l;
+      float* dst = out + s.qy[i] * out_strides[2] + s.qx[i] * out_strides[3];
+      for (int64_t c = 0; c < g.dv; ++c) dst[c * out_strides[1]] = s.values[(v * g.dv + c) * kLanes + l];
+    }
 }
 
 PER_INSTRUCTION_SET
 void attend_block(const Geometry& g, const float* q_proj, const float* kv_proj, const float* rel_table,
                   float* out, const int64_t* out_strides, int64_t b, int64_t by, int64_t bx, int64_t h, Scratch& s) {
-  const int64_t bq = g.query_block, win = g.win, n_queries = bq * bq, rel_size = 2 * win - 1;
-  const int64_t n_keys = win * win;
-
-  // 1. Queries of the block; keys (transposed) and values of the window rows that overlap the
-  //    map. Keys of those rows outside the map are zero (their q.k is 0, as with timm's zero
-  //    padding); window rows wholly outside the map take no part in q.k or in the weighted sum.
-  for (int64_t qy = 0; qy < bq; ++qy)
-    for (int64_t qx = 0; qx < bq; ++qx) {
-      const float* src = q_proj + (((b * g.q_height + by * bq + qy) * g.q_width + bx * bq + qx) * g.q_channels()
-                                   + h * g.dk);
-      std::copy(src, src + g.dk, s.q.data() + (qy * bq + qx) * g.dk);
-    }
-  const int64_t top = by * g.block - g.halo, left = bx * g.block - g.halo;
-  const int64_t y_lo = std::max<int64_t>(0, -top), y_hi = std::min<int64_t>(win, g.height - top);
-  const int64_t x_lo = std::max<int64_t>(0, -left), x_hi = std::min<int64_t>(win, g.width - left);
-  const int64_t k_first = y_lo * win, n_in_rows = (y_hi - y_lo) * win;  // keys of the overlapping rows
-  for (int64_t ky = y_lo; ky < y_hi; ++ky)
-    for (int64_t kx = 0; kx < win; ++kx) {
-      const int64_t j = ky * win + kx - k_first;
-      float* v_row = s.v.data() + j * s.dv_padded;
-      if (kx < x_lo || kx >= x_hi) {
-        for (int64_t c = 0; c < g.dk; ++c) s.kt[c * s.keys_padded + j] = 0.f;
-        std::fill(v_row, v_row + g.dv, 0.f);
-        continue;
-      }
-      const float* src = kv_proj + (((b * g.height + top + ky) * g.width + left + kx) * g.kv_channels()
-                                    + h * (g.dk + g.dv));
-      for (int64_t c = 0; c < g.dk; ++c) s.kt[c * s.keys_padded + j] = src[c];
-      std::copy(src + g.dk, src + g.dk + g.dv, v_row);
-    }
-
-  const int64_t n_in_rows_padded = round_up(n_in_rows, kLanes);
-  for (int64_t c = 0; c < g.dk; ++c)  // q.k of the vector lanes past those rows must be exactly 0
-    std::fill(s.kt.data() + c * s.keys_padded + n_in_rows, s.kt.data() + c * s.keys_padded + n_in_rows_padded, 0.f);
-
-  // 2. q.k for those keys, and q against every row of both position tables.
-  matmul_rows_by_columns(s.q.data(), s.queries, g.dk, g.dk, s.kt.data(), n_in_rows_padded,
-                         s.keys_padded, s.qk.data(), s.keys_padded);
-  matmul_rows_by_columns(s.q.data(), s.queries, g.dk, g.dk, rel_table, s.rel_padded - kLanes, s.rel_padded - kLanes,
-                         s.rel.data(), s.rel_padded);
-
-  // 3. Per query: the logit row over the whole window (position logit of every key, plus the
-  //    scaled q.k of the keys in the overlapping rows), softmax, and the weights of those keys.
-  const vfloat position_scale = splat(g.position_scale), qk_scale = splat(g.qk_scale);
-  float* row = s.row.data();
-  for (int64_t i = 0; i < n_queries; ++i) {
-    const int64_t qy = i / bq, qx = i % bq;
-    const float* height_logits = s.rel.data() + i * s.rel_padded + (win - 1 - qy);
-    const float* width_logits = s.rel.data() + i * s.rel_padded + rel_size + (win - 1 - qx);
-    // Row ky is height_logits[ky] + width_logits[0..win); each 16-lane store spills into the
-    // next row, which the next store overwrites (win <= 16; wider windows take the scalar loop).
-    if (win <= kLanes) {
-      const vfloat widths = load(width_logits);
-      for (int64_t ky = 0; ky < win; ++ky) store(row + ky * win, (widths + height_logits[ky]) * position_scale);
-    } else {
-      for (int64_t ky = 0; ky < win; ++ky)
-        for (int64_t kx = 0; kx < win; ++kx)
-          row[ky * win + kx] = (height_logits[ky] + width_logits[kx]) * g.position_scale;
-    }
-    const float* qk = s.qk.data() + i * s.keys_padded;
-    for (int64_t j = 0; j < n_in_rows; j += kLanes)  // lanes past the rows add 0
-      store(row + k_first + j, load(row + k_first + j) + load(qk + j) * qk_scale);
-    std::fill(row + n_keys, row + s.row_padded, -1e30f);  // exp gives exactly 0 there
-
-    vfloat best = load(row);
-    for (int64_t k = kLanes; k < s.keys_padded; k += kLanes) {
-      const vfloat x = load(row + k);
-      best = x > best ? x : best;
-    }
-    const vfloat row_max = splat(horizontal_max(best));
-    vfloat total = {};
-    for (int64_t k = 0; k < s.keys_padded; k += kLanes) {
-      const vfloat e = vexp(load(row + k) - row_max);
-      store(row + k, e);
-      total += e;
-    }
-    const vfloat inverse = splat(1.f / horizontal_sum(total));
-    float* p = s.p.data() + i * s.keys_padded;
-    for (int64_t j = 0; j < n_in_rows; j += kLanes) store(p + j, load(row + k_first + j) * inverse);
+  const int64_t bq = g.query_block, win = g.win;
+  for (int64_t i = 0; i < g.queries(); ++i) {  // the block's queries, transposed into lanes
+    const float* src = q_proj + (((b * g.q_height + by * bq + s.qy[i]) * g.q_width + bx * bq + s.qx[i]) * g.q_channels()
+                                 + h * g.dk);
+    float* dst = s.queries.data() + (i / kLanes) * g.dk * kLanes + i % kLanes;
+    for (int64_t c = 0; c < g.dk; ++c) dst[c * kLanes] = src[c];
   }
-
-  // 4. Weighted sum of the values of the overlapping rows, then the write into the output's layout.
-  if (s.dv_padded % (4 * kLanes) == 0)
-    weighted_sum<4>(s.p.data(), s.queries, n_in_rows, s.keys_padded, s.v.data(), s.dv_padded, s.dv_padded,
-                    s.out.data(), s.dv_padded);
-  else if (s.dv_padded % (2 * kLanes) == 0)
-    weighted_sum<2>(s.p.data(), s.queries, n_in_rows, s.keys_padded, s.v.data(), s.dv_padded, s.dv_padded,
-                    s.out.data(), s.dv_padded);
-  else
-    weighted_sum<1>(s.p.data(), s.queries, n_in_rows, s.keys_padded, s.v.data(), s.dv_padded, s.dv_padded,
-                    s.out.data(), s.dv_padded);
-  for (int64_t i = 0; i < n_queries; ++i) {
-    const int64_t y = by * bq + i / bq, x = bx * bq + i % bq;
-    float* dst = out + b * out_strides[0] + h * g.dv * out_strides[1] + y * out_strides[2] + x * out_strides[3];
-    const float* src = s.out.data() + i * s.dv_padded;
-    for (int64_t c = 0; c < g.dv; ++c) dst[c * out_strides[1]] = src[c];
+  Window w;
+  w.top = by * g.block - g.halo;
+  w.left = bx * g.block - g.halo;
+  w.y_lo = std::max<int64_t>(0, -w.top);
+  w.y_hi = std::min<int64_t>(win, g.height - w.top);
+  w.x_lo = std::max<int64_t>(0, -w.left);
+  w.x_hi = std::min<int64_t>(win, g.width - w.left);
+  const float* kv_head = kv_proj + b * g.height * g.width * g.kv_channels() + h * (g.dk + g.dv);
+  float* out_block = out + b * out_strides[0] + h * g.dv * out_strides[1] + by * bq * out_strides[2]
+                     + bx * bq * out_strides[3];
+  for (int64_t g0 = 0; g0 < g.query_vectors(); g0 += kMaxGroups) {
+    switch (std::min<int64_t>(kMaxGroups, g.query_vectors() - g0)) {
+      case 1: attend_queries<1>(g, kv_head, rel_table, out_block, out_strides, w, g0, s); break;
+      case 2: attend_queries<2>(g, kv_head, rel_table, out_block, out_strides, w, g0, s); break;
+      case 3: attend_queries<3>(g, kv_head, rel_table, out_block, out_strides, w, g0, s); break;
+      default: attend_queries<4>(g, kv_head, rel_table, out_block, out_strides, w, g0, s); break;
+    }
   }
 }
 
@@ -300,17 +295,9 @@ void halo_attention_cpu(const at::Tensor& q, const at::Tensor& kv, const at::Ten
   TORCH_CHECK(out.size(0) == g.batch && out.size(1) == heads * g.dv && out.size(2) == q.size(1)
               && out.size(3) == q.size(2), "halo_attention_cpu: out has the wrong shape");
 
-  // Both position tables, transposed into one (dk, rows) matrix: the position logits of a query
-  // are then the same register-tiled loop as its key logits.
-  const int64_t rel_size = 2 * g.win - 1, rel_padded = round_up(2 * rel_size, kLanes);  // = Scratch's - kLanes
-  std::vector<float> rel_table(g.dk * rel_padded, 0.f);
-  const float* hr = height_rel.data_ptr<float>();
-  const float* wr = width_rel.data_ptr<float>();
-  for (int64_t r = 0; r < rel_size; ++r)
-    for (int64_t c = 0; c < g.dk; ++c) {
-      rel_table[c * rel_padded + r] = hr[r * g.dk + c];
-      rel_table[c * rel_padded + rel_size + r] = wr[r * g.dk + c];
-    }
+  // Both position tables stacked, (2 * rel_size, dk): the position logits of a query are then
+  // the same register tile as its key logits.
+  const at::Tensor rel_table = at::cat({height_rel, width_rel}).contiguous();
 
   const float* q_ptr = q.data_ptr<float>();
   const float* kv_ptr = kv.data_ptr<float>();
@@ -321,7 +308,7 @@ void halo_attention_cpu(const at::Tensor& q, const at::Tensor& kv, const at::Ten
     Scratch scratch(g);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t h = t % heads, bx = t / heads % nw, by = t / heads / nw % nh, b = t / heads / nw / nh;
-      attend_block(g, q_ptr, kv_ptr, rel_table.data(), out_ptr, out_strides, b, by, bx, h, scratch);
+      attend_block(g, q_ptr, kv_ptr, rel_table.data_ptr<float>(), out_ptr, out_strides, b, by, bx, h, scratch);
     }
   });
 }
