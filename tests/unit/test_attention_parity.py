@@ -41,6 +41,8 @@ CASES = [
     # vector and register tiles do not divide them).
     (dict(dim=16, num_heads=2, block_size=12, halo_size=3), (1, 16, 24, 12)),
     (dict(dim=16, num_heads=2, block_size=6, halo_size=2, stride=2), (2, 16, 12, 18)),
+    # v heads of 6 channels (q/k: 8): value widths that the kernel's 4-channel tiles do not divide.
+    (dict(dim=12, num_heads=2, block_size=4, halo_size=1), (2, 12, 8, 8)),
 ]
 IDS = [f"case{i}" for i in range(len(CASES))]
 
