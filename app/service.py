@@ -40,7 +40,8 @@ class Service:
             batcher.start()
             self.engine, self.batcher = engine, batcher
             self.ready = True
-            log.info("model %s (%s) ready on %s", engine.name, engine.version, engine.device)
+            log.info("model %s (%s) ready on %s, halo attention: %s", engine.name, engine.version, engine.device,
+                     ", ".join(sorted(set(engine.attention_backends.values()))) or "none")
         except Exception as e:  # the process stays up and says why in /readyz
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("loading the model failed")
