@@ -66,25 +66,25 @@ class Engine:
         self.labels = load_labels(self.cfg.label_set) if self.cfg.label_set else [
             str(i) for i in range(self.cfg.num_classes)]
         self.halo_layers = dict(self.model.halo_layers())
-        self.attention_backends: Dict[str, str] = {}  # what each layer's backend ("auto") resolves to
-        self.feature_sizes = self._layer_input_sizes()
+        self.feature_sizes, self.attention_backends = self._trace_halo_layers()
         grids = {name: self._blocks(name) for name in self.halo_layers}
         multi_block = [name for name in self.halo_layers if grids[name][0] >= 2 and grids[name][1] >= 2]
         self.default_heatmap_layer: Optional[str] = multi_block[-1] if multi_block else (
             list(self.halo_layers)[-1] if self.halo_layers else None)
 
-    def _layer_input_sizes(self) -> Dict[str, Tuple[int, int]]:
-        """The (H, W) each halo attention layer sees at the model's input size (inputs are fixed-size),
-        noting on the way which backend each one runs."""
+    def _trace_halo_layers(self) -> Tuple[Dict[str, Tuple[int, int]], List[str]]:
+        """One forward pass at the model's input size (inputs are fixed-size): the (H, W) each halo
+        attention layer sees, and the backends they run (what "auto" resolves to), sorted."""
         sizes: Dict[str, Tuple[int, int]] = {}
+        backends: Set[str] = set()
 
         def see(name: str, layer: HaloAttention, x: Tensor) -> None:
             sizes[name] = tuple(x.shape[-2:])
-            self.attention_backends[name] = layer.backend_for(x)
+            backends.add(layer.backend_for(x))
 
         with self._watching(self.halo_layers, see):
             self.forward(torch.zeros(1, *self.cfg.input_size), set())
-        return sizes
+        return sizes, sorted(backends)
 
     @contextmanager
     def _watching(self, layers: Iterable[str], see: Callable[[str, HaloAttention, Tensor], None]) -> Iterator[None]:

@@ -53,9 +53,9 @@ async def model_info(request: Request) -> ModelInfo:
     settings = service.settings
     return ModelInfo(
         name=engine.name, version=engine.version, classes=engine.labels, input_size=list(engine.cfg.input_size),
-        parameters=engine.parameters, backend=settings.backend,
-        attention_backends=sorted(set(engine.attention_backends.values())), device=str(engine.device), dtype=settings.dtype,
-        threads=engine.threads, halo_layers=list(engine.halo_layers), default_heatmap_layer=engine.default_heatmap_layer,
+        parameters=engine.parameters, backend=settings.backend, attention_backends=engine.attention_backends,
+        device=str(engine.device), dtype=settings.dtype, threads=engine.threads, halo_layers=list(engine.halo_layers),
+        default_heatmap_layer=engine.default_heatmap_layer,
         max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
 
 
@@ -89,8 +89,8 @@ def _validation_message(error: ValidationError) -> str:
 async def _parse(request: Request, limit: int) -> Tuple[List[bytes], PredictOptions]:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ("multipart/form-data", "application/json"):
-        raise ServiceError(415, "unsupported_media_type",
-                           f"send multipart/form-data (field 'file') or application/json, not {content_type or 'nothing'}")
+        raise ServiceError(415, "unsupported_media_type", "send multipart/form-data (field 'file') or "
+                           f"application/json, not {content_type or 'nothing'}")
     body = await _read_body(request, limit)
     if content_type == "application/json":
         try:

@@ -41,7 +41,7 @@ class Service:
             self.engine, self.batcher = engine, batcher
             self.ready = True
             log.info("model %s (%s) ready on %s, halo attention: %s", engine.name, engine.version, engine.device,
-                     ", ".join(sorted(set(engine.attention_backends.values()))) or "none")
+                     ", ".join(engine.attention_backends) or "none")
         except Exception as e:  # the process stays up and says why in /readyz
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("loading the model failed")
