@@ -47,10 +47,11 @@ def test_service_settings_named_in_dockerfiles_exist(dockerfile: Path) -> None:
 
 @pytest.mark.slow
 def test_installed_package_carries_the_default_model(tmp_path: Path) -> None:
-    """The images `pip install .`: the wheel must hold the shipped weights and class names."""
+    """The images `pip install .`: the wheel must hold the shipped weights, the class names and the
+    CPU kernel's source (the CPU image compiles it from the installed package)."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), str(ROOT)],
                    check=True, capture_output=True)
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     for needed in ("model/weights/halonet_compact.safetensors", "model/labels/fashion_mnist.txt",
-                   "model/labels/imagenet1k.txt", "app/main.py"):
+                   "model/labels/imagenet1k.txt", "model/attention/csrc/halo_attention.cpp", "app/main.py"):
         assert needed in names, needed
