@@ -11,18 +11,13 @@ from app.config import Settings
 from app.main import create_app
 
 
-@pytest.fixture(scope="session")
-def random_checkpoint(random_compact_checkpoint: Path) -> Path:
-    return random_compact_checkpoint
-
-
 def make_settings(checkpoint: Path, **overrides) -> Settings:
     return Settings(checkpoint=checkpoint, threads=1, max_batch_size=8, **overrides)
 
 
 @pytest.fixture(scope="session")
-def client(random_checkpoint: Path) -> Iterator[TestClient]:
-    app = create_app(make_settings(random_checkpoint, max_body_bytes=2_000_000, max_pixels=1_000_000))
+def client(random_compact_checkpoint: Path) -> Iterator[TestClient]:
+    app = create_app(make_settings(random_compact_checkpoint, max_body_bytes=2_000_000, max_pixels=1_000_000))
     with TestClient(app) as test_client:
         assert app.state.service.wait_until_loaded(120), app.state.service.load_error
         yield test_client

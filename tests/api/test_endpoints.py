@@ -11,8 +11,8 @@ def test_health_and_readiness(client) -> None:
     assert client.get("/readyz").json() == {"status": "ready"}
 
 
-def test_not_ready_before_the_model_is_loaded(random_checkpoint) -> None:
-    app = create_app(make_settings(random_checkpoint))
+def test_not_ready_before_the_model_is_loaded(random_compact_checkpoint) -> None:
+    app = create_app(make_settings(random_compact_checkpoint))
     with TestClient(app) as fresh:
         service = app.state.service
         early = fresh.get("/readyz")

@@ -1,14 +1,9 @@
 """Real servers: ``python -m app`` in a subprocess on a free loopback port."""
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from benchmarks.server import ServerProcess
-
-@pytest.fixture(scope="session")
-def compact_checkpoint(random_compact_checkpoint: Path) -> Path:
-    return random_compact_checkpoint
 
 
 @pytest.fixture

@@ -30,8 +30,8 @@ def loopback_config(listen: int, upstreams: List[str]) -> str:
 
 
 @pytest.fixture
-def nginx(tmp_path: Path, start_server, compact_checkpoint):
-    replicas = [start_server(HALO_CHECKPOINT=str(compact_checkpoint)) for _ in range(2)]
+def nginx(tmp_path: Path, start_server, random_compact_checkpoint):
+    replicas = [start_server(HALO_CHECKPOINT=str(random_compact_checkpoint)) for _ in range(2)]
     port = free_port()
     (tmp_path / "nginx.conf").write_text(loopback_config(port, [f"127.0.0.1:{r.port}" for r in replicas]))
     process = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),

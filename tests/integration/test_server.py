@@ -43,8 +43,10 @@ def post_all(url: str, files: List[bytes], query: str = "top_k=10") -> List[http
     return responses
 
 
-def test_concurrent_requests_share_forward_passes_and_keep_their_own_answers(start_server, compact_checkpoint):
-    server = start_server(HALO_CHECKPOINT=str(compact_checkpoint), HALO_MAX_BATCH_SIZE="16", HALO_MAX_WAIT_MS="50")
+def test_concurrent_requests_share_forward_passes_and_keep_their_own_answers(
+        start_server, random_compact_checkpoint):
+    server = start_server(
+        HALO_CHECKPOINT=str(random_compact_checkpoint), HALO_MAX_BATCH_SIZE="16", HALO_MAX_WAIT_MS="50")
     images = distinct_images(16)
     before = server.metric("halo_batch_size_count")
     responses = post_all(server.url, images)
@@ -53,7 +55,7 @@ def test_concurrent_requests_share_forward_passes_and_keep_their_own_answers(sta
     assert passes < len(images)
     assert max(r.json()["results"][0]["timing"]["batch_size"] for r in responses) > 1
 
-    model = create_model("halonet_compact", checkpoint=compact_checkpoint).eval()
+    model = create_model("halonet_compact", checkpoint=random_compact_checkpoint).eval()
     transform = build_transform(model.pretrained_cfg)
     for data, response in zip(images, responses):
         with torch.no_grad():
@@ -62,8 +64,8 @@ def test_concurrent_requests_share_forward_passes_and_keep_their_own_answers(sta
             assert abs(prediction["score"] - expected[prediction["index"]].item()) <= 1e-5
 
 
-def test_a_corrupt_image_in_a_burst_fails_alone(start_server, compact_checkpoint):
-    server = start_server(HALO_CHECKPOINT=str(compact_checkpoint))
+def test_a_corrupt_image_in_a_burst_fails_alone(start_server, random_compact_checkpoint):
+    server = start_server(HALO_CHECKPOINT=str(random_compact_checkpoint))
     files = distinct_images(9)
     files[4] = b"\x89PNG\r\n\x1a\n corrupt"
     responses = post_all(server.url, files)
@@ -84,8 +86,8 @@ def test_full_queue_is_503_with_retry_after_and_the_server_recovers(start_server
     assert post_all(server.url, [photo.getvalue()], query="top_k=1")[0].status_code == 200
 
 
-def test_expired_requests_are_504(start_server, compact_checkpoint):
-    server = start_server(HALO_CHECKPOINT=str(compact_checkpoint), HALO_REQUEST_TIMEOUT_MS="0.001")
+def test_expired_requests_are_504(start_server, random_compact_checkpoint):
+    server = start_server(HALO_CHECKPOINT=str(random_compact_checkpoint), HALO_REQUEST_TIMEOUT_MS="0.001")
     response = post_all(server.url, distinct_images(1))[0]
     assert response.status_code == 504 and response.json()["error"]["code"] == "deadline_exceeded"
     assert server.metric('halo_images_dropped_total{reason="deadline"}') >= 1
