@@ -18,7 +18,8 @@ class Settings(BaseSettings):
         None, description="weights file (.safetensors/.pth); default: the shipped weights of models that have them")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="half precision on GPU only")
-    backend: Literal["auto", "fused", "cpp", "reference", "triton"] = Field("auto", description="halo attention backend")
+    backend: Literal["auto", "fused", "cpp", "reference", "triton"] = Field(
+        "auto", description="halo attention backend")
     threads: int = Field(
         0, ge=0, description="torch CPU threads of the model; 0 = one per core but one (at least 1), so that the "
                              "event loop and image decoding keep a core")

@@ -183,5 +183,6 @@ def preprocess_tensor(batch: Tensor, cfg: PretrainedConfig) -> Tensor:
     return TF.normalize(batch, list(cfg.mean), list(cfg.std))
 
 
-__all__: List[str] = ["ImageDecodeError", "ImageTooLargeError", "UnsupportedImageFormatError", "load_image", "to_mode", "eval_transform", "fit_grayscale_transform",
-                      "build_transform", "preprocess", "preprocess_tensor", "resize_size"]
+__all__: List[str] = ["ImageDecodeError", "ImageTooLargeError", "UnsupportedImageFormatError", "load_image", "to_mode",
+                      "eval_transform", "fit_grayscale_transform", "build_transform", "preprocess", "preprocess_tensor",
+                      "resize_size"]

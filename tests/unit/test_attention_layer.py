@@ -1,4 +1,5 @@
-"""HaloAttention's own contract: errors, backend choice, probabilities, and every backend against reference on random configs."""
+"""HaloAttention's own contract: errors, backend choice, probabilities, and every backend against
+reference on random configs."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st

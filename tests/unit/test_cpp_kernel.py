@@ -20,7 +20,8 @@ def kernel_built() -> None:
 
 def run_cpp_and_reference(layer: HaloAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        return cpp.halo_attention(x, layer.weights(), layer.spec), reference.halo_attention(x, layer.weights(), layer.spec)[0]
+        return (cpp.halo_attention(x, layer.weights(), layer.spec),
+                reference.halo_attention(x, layer.weights(), layer.spec)[0])
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
