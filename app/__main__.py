@@ -1,5 +1,6 @@
 """``python -m app [--host H] [--port P]``: serve the configured model with uvicorn."""
 import argparse
+import math
 import logging
 
 import uvicorn
@@ -17,7 +18,7 @@ def main() -> None:
     settings = settings.model_copy(update=dict(host=args.host, port=args.port))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, timeout_graceful_shutdown=int(settings.request_timeout_ms / 1000) + 5)
+                access_log=False, timeout_graceful_shutdown=math.ceil(settings.drain_seconds))
 
 
 if __name__ == "__main__":

@@ -39,3 +39,9 @@ class Settings(BaseSettings):
     def _empty_means_unset(cls, value: object) -> object:
         """HALO_CHECKPOINT="" (as compose files and shells often pass it) means: no checkpoint given."""
         return None if value == "" else value
+
+    @property
+    def drain_seconds(self) -> float:
+        """How long a graceful shutdown waits for accepted requests: their deadline and 5 s to answer.
+        A supervisor's grace period before SIGKILL (compose's stop_grace_period) must be longer."""
+        return self.request_timeout_ms / 1000 + 5

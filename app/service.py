@@ -68,5 +68,5 @@ class Service:
         self.ready = False
         if self.batcher is not None:
             self.batcher.close()
-            self.batcher.drain(timeout=self.settings.request_timeout_ms / 1000 + 5)
+            self.batcher.drain(timeout=self.settings.drain_seconds)
         self.preprocess_pool.shutdown(wait=True)
