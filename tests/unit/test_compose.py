@@ -19,8 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 MONITORING = ROOT / "docker" / "monitoring"
 PROFILES = ["", "gpu", "scale", "monitoring", "loadtest"]
-# Written by the containers, not read from the project: created by Docker on first use.
-OUTPUT_MOUNTS = {"./loadtest-report"}
 
 
 def compose() -> Dict:
@@ -87,7 +85,7 @@ def test_referenced_paths_exist() -> None:
             assert (ROOT / build["context"] / build["dockerfile"]).is_file(), name
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
-            if source.startswith(".") and source not in OUTPUT_MOUNTS:
+            if source.startswith("."):
                 assert (ROOT / source).exists(), f"{name}: {source}"
 
 
@@ -102,7 +100,7 @@ def test_ports_match_the_service_and_its_consumers() -> None:
     assert services()["api"]["ports"] == [f"8000:{port}"]
     assert services()["api-gpu"]["ports"] == [f"8001:{port}"]
     nginx = (ROOT / "docker" / "nginx.conf").read_text()
-    assert re.findall(r"^\s*server (\S+?):(\d+)", nginx, flags=re.M) == [("api-replica", str(port))]
+    assert re.findall(r"set \$api_replicas (\S+?):(\d+);", nginx) == [("api-replica", str(port))]
     assert services()["lb"]["ports"] == ["8080:80"] and re.search(r"^\s*listen 80;", nginx, flags=re.M)
     scrape = yaml.safe_load((MONITORING / "prometheus.yml").read_text())["scrape_configs"]
     for target in (sd for job in scrape for sd in job["dns_sd_configs"]):
@@ -136,3 +134,10 @@ def test_dashboard_queries_only_metrics_the_service_exports() -> None:
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
     for topic in ("requests per second", "latency", "batch size", "queue depth", "errors"):
         assert topic in titles, topic
+
+
+def test_docker_waits_longer_than_the_service_drains() -> None:
+    """Docker's SIGKILL comes after the service's own drain budget: the service decides when it stops."""
+    for name in ("api", "api-gpu", "api-replica"):
+        grace = services()[name]["stop_grace_period"]
+        assert re.fullmatch(r"\d+s", grace) and int(grace[:-1]) > Settings().drain_seconds, (name, grace)
