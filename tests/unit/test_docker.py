@@ -55,3 +55,14 @@ def test_installed_package_carries_the_default_model(tmp_path: Path) -> None:
     for needed in ("model/weights/halonet_compact.safetensors", "model/labels/fashion_mnist.txt",
                    "model/labels/imagenet1k.txt", "model/attention/csrc/halo_attention.cpp", "app/main.py"):
         assert needed in names, needed
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_pip_takes_its_indexes_from_build_args(dockerfile: Path) -> None:
+    """Builds behind a mirror or offline: pip's variables are build args before its first install."""
+    text = dockerfile.read_text()
+    declared = re.search(r"^ARG PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_TRUSTED_HOST$", text, re.M)
+    assert declared and declared.start() < text.index("pip install")
+    if dockerfile.name == "Dockerfile":
+        assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cpu$", text, re.M)
+        assert 'pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" torch==' in text
