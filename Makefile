@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-dev serve test bench bench-gpu train evaluate loadtest
+.PHONY: install install-dev serve test test-docker bench bench-gpu train evaluate loadtest
 
 # Runtime dependencies only. The stamp makes re-runs instant until pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -28,6 +28,11 @@ serve: install
 
 test: install-dev
 	$(PY) -m pytest
+
+# docker compose for real: the images built offline and the stack run in a private dockerd (root;
+# what it checks: tests/docker/compose_e2e.py).
+test-docker: install-dev
+	$(PY) -m tests.docker.compose_e2e
 
 bench: install-dev
 	$(PY) -m benchmarks.attention

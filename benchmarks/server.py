@@ -19,6 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metric_value(exposition: str, name: str) -> float:
+    """One sample of a /metrics page, by its full name (labels included, as Prometheus prints them)."""
+    for line in exposition.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
 class ServerProcess:
     """Starts the service with the given HALO_* settings; ``stop`` sends SIGTERM (graceful)."""
 
@@ -44,11 +52,7 @@ class ServerProcess:
         raise TimeoutError("server did not become ready")
 
     def metric(self, name: str) -> float:
-        """One sample of /metrics, by its full name (labels included, as Prometheus prints them)."""
-        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        raise KeyError(name)
+        return metric_value(httpx.get(f"{self.url}/metrics").text, name)
 
     def cpu_seconds(self) -> float:
         """CPU time the server process has used so far, all its threads (Linux /proc)."""

@@ -30,3 +30,9 @@ def docker_ignored(path: str) -> bool:
         if any(fnmatch.fnmatch("/".join(parts[:n]), pattern) for n in range(1, len(parts) + 1)):
             ignored = not keep
     return ignored
+
+
+def pinned_requirements(dockerfile: Path) -> List[str]:
+    """The ``name==version`` requirements its ``pip install`` lines name."""
+    return re.findall(r"(?<![\w.-])[A-Za-z0-9][\w.-]*==[\w.+!-]+", "\n".join(
+        line for line in dockerfile.read_text().splitlines() if "pip install" in line))
