@@ -108,15 +108,8 @@ def main() -> int:
         return 1 if os.environ.get("CI") and reason.startswith("missing") else 0
     phases = Phases()
     found: Dict[str, Path] = {}
-
-    def prepare(name: str, make: Callable[[Path], Path]) -> Callable[[], str]:
-        def step() -> str:
-            found[name] = make(cache)
-            return str(found[name])
-        return step
-
-    phases.run("base image stand-in", prepare("archive", root_archive))
-    phases.run("wheelhouse", prepare("wheels", wheelhouse))
+    phases.run("base image stand-in", lambda: str(found.setdefault("archive", root_archive(cache))))
+    phases.run("wheelhouse", lambda: str(found.setdefault("wheels", wheelhouse(cache))))
     if phases.failed:
         print(phases.summary())
         return 1
