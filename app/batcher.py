@@ -7,28 +7,31 @@ The policy, all of it here:
 - One model thread takes the oldest image, then keeps taking until the batch holds
   ``max_batch_size`` images or ``max_wait_s`` has passed since it took the first. Images already
   queued are taken without waiting, so under load batches fill instantly; and it waits only while
-  more images are on their way (requests being decoded, announced with ``arriving``), so a lone
+  more images are on their way (requests being decoded: announced with ``expect``, counted off
+  when ``submit`` queues them or ``withdraw`` gives them up, either of which wakes it), so a lone
   request never waits for company that is not coming.
 - Before compute, images whose request deadline has passed are answered with
   ``DeadlineExceededError`` (-> 504) and images whose client has gone are dropped.
 - While the model thread computes, the event loop keeps accepting requests and the queue fills
-  with the next batch. Results go back to each request's own future: nothing is shared.
+  with the next batch. One forward serves the batch, heatmap maps only for the rows that asked;
+  results go back to each request's own future: nothing is shared.
 - ``close`` refuses new work; ``drain`` then waits until every accepted image is answered.
 """
 import asyncio
-import queue
 import threading
 import time
-from contextlib import contextmanager
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Deque, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .metrics import Metrics
 
-Forward = Callable[[Tensor, Set[str]], Tuple[Tensor, Dict[str, Tensor]]]
+# (batch (B, C, H, W), each row's heatmap layer or None) -> (probabilities (B, classes), each row's
+# per-block maps, or None where its row asked for none).
+Forward = Callable[[Tensor, Sequence[Optional[str]]], Tuple[Tensor, Sequence[Optional[Tensor]]]]
 
 
 class QueueFullError(Exception):
@@ -76,12 +79,13 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._metrics = metrics
-        self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self._queue: Deque[Job] = deque()
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a job queued, images withdrawn, or stop
         self._pending = 0  # accepted images not answered yet (queued or computing)
-        self._idle = threading.Condition(self._lock)
         self._closed = False
-        self._arriving = 0  # images of requests still being decoded, about to be submitted
+        self._stopping = False
+        self._arriving = 0  # images announced by requests still decoding them
         self._thread = threading.Thread(target=self._run, name="halo-model", daemon=True)
 
     def start(self) -> None:
@@ -89,30 +93,36 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
-    @contextmanager
-    def arriving(self, images: int) -> Iterator[None]:
-        """Announce images that will be submitted soon (while their request decodes them)."""
+    def expect(self, images: int) -> None:
+        """Announce images that a request is decoding: the model thread may wait for them."""
         with self._lock:
             self._arriving += images
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._arriving -= images
 
-    def submit(self, jobs: List[Job]) -> None:
-        """Enqueue all of a request's images, or none of them."""
-        with self._lock:
+    def withdraw(self, images: int) -> None:
+        """Announced images that will not come (their request failed before submitting)."""
+        with self._changed:
+            self._arriving -= images
+            self._changed.notify_all()
+
+    def submit(self, jobs: List[Job], announced: bool = False) -> None:
+        """Enqueue all of a request's images, or none of them. Images announced with ``expect`` are
+        counted off in the same step (also when refused): the model thread never waits for images
+        that are already queued."""
+        with self._changed:
+            if announced:
+                self._arriving -= len(jobs)
             if self._closed:
+                self._changed.notify_all()
                 raise ShuttingDownError("the service is shutting down")
-            if self._queue.qsize() + len(jobs) > self.max_queue:
-                raise QueueFullError(f"the queue holds {self._queue.qsize()} images (limit {self.max_queue})")
+            if len(self._queue) + len(jobs) > self.max_queue:
+                self._changed.notify_all()
+                raise QueueFullError(f"the queue holds {len(self._queue)} images (limit {self.max_queue})")
             self._pending += len(jobs)
-            for job in jobs:
-                self._queue.put(job)
-        self._metrics.queue_depth.set(self._queue.qsize())
+            self._queue.extend(jobs)
+            self._changed.notify_all()
+        self._metrics.queue_depth.set(len(self._queue))
 
     def close(self) -> None:
         with self._lock:
@@ -120,26 +130,29 @@ class Batcher:
 
     def drain(self, timeout: Optional[float] = None) -> bool:
         """After ``close``: wait until every accepted image is answered, then stop the model thread."""
-        with self._idle:
-            done = self._idle.wait_for(lambda: self._pending == 0, timeout)
-        self._queue.put(None)
+        with self._changed:
+            done = self._changed.wait_for(lambda: self._pending == 0, timeout)
+            self._stopping = True
+            self._changed.notify_all()
         self._thread.join(timeout)
         return done
 
-    def _collect(self, first: Job) -> List[Job]:
-        batch, until = [first], time.monotonic() + self.max_wait_s
-        while len(batch) < self.max_batch_size:
-            if self._queue.empty() and self._arriving == 0:
-                break  # nothing queued and nothing on its way: do not wait
-            try:
-                job = self._queue.get(timeout=max(0.0, until - time.monotonic()))
-            except queue.Empty:
-                break
-            if job is None:  # stop sentinel: finish this batch first
-                self._queue.put(None)
-                break
-            batch.append(job)
-        return batch
+    def _next_batch(self) -> Optional[List[Job]]:
+        """Waits for a first job, then collects the batch by the policy above; None: stop."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._queue or self._stopping)
+            if not self._queue:
+                return None
+            batch, until = [self._queue.popleft()], time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch_size:
+                if self._queue:
+                    batch.append(self._queue.popleft())
+                    continue
+                remaining = until - time.monotonic()
+                if self._arriving <= 0 or self._stopping or remaining <= 0:
+                    break  # nothing on its way, or waited long enough
+                self._changed.wait(remaining)
+            return batch
 
     def _answer(self, job: Job, result: object) -> None:
         def settle() -> None:
@@ -157,11 +170,10 @@ class Batcher:
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
+            batch = self._next_batch()
+            if batch is None:
                 return
-            batch = self._collect(first)
-            self._metrics.queue_depth.set(self._queue.qsize())
+            self._metrics.queue_depth.set(len(self._queue))
             now = time.monotonic()
             live = []
             for job in batch:
@@ -175,14 +187,13 @@ class Batcher:
                     live.append(job)
             if live:
                 self._compute(live, now)
-            with self._idle:
+            with self._changed:
                 self._pending -= len(batch)
-                self._idle.notify_all()
+                self._changed.notify_all()
 
     def _compute(self, jobs: List[Job], started: float) -> None:
-        layers = {job.heatmap_layer for job in jobs if job.heatmap_layer}
         try:
-            probs, maps = self._forward(torch.stack([job.inputs for job in jobs]), layers)
+            probs, maps = self._forward(torch.stack([job.inputs for job in jobs]), [job.heatmap_layer for job in jobs])
         except Exception as error:  # a failing forward fails its batch, never the process
             for job in jobs:
                 self._answer(job, error)
@@ -194,5 +205,4 @@ class Batcher:
         for i, job in enumerate(jobs):
             queue_s = started - job.enqueued
             self._metrics.queue_wait.observe(queue_s)
-            job_maps = maps[job.heatmap_layer][i] if job.heatmap_layer else None
-            self._answer(job, JobResult(probs[i], job_maps, queue_s, inference_s, len(jobs)))
+            self._answer(job, JobResult(probs[i], maps[i], queue_s, inference_s, len(jobs)))

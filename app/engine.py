@@ -3,7 +3,7 @@ import base64
 import hashlib
 import os
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -83,7 +83,7 @@ class Engine:
             backends.add(layer.backend_for(x))
 
         with self._watching(self.halo_layers, see):
-            self.forward(torch.zeros(1, *self.cfg.input_size), set())
+            self.forward(torch.zeros(1, *self.cfg.input_size), [None])
         return sizes, sorted(backends)
 
     @contextmanager
@@ -108,11 +108,22 @@ class Engine:
         return self.transform(image)
 
     @torch.inference_mode()
-    def forward(self, batch: Tensor, heatmap_layers: Set[str]) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """Class probabilities (B, classes) and, for the named layers only, per-block maps (B, blocks, win, win)."""
-        maps: Dict[str, Tensor] = {}
-        with self._watching(heatmap_layers,
-                            lambda name, layer, x: maps.__setitem__(name, layer.forward_with_maps(x)[1].float().cpu())):
+    def forward(self, batch: Tensor, heatmap_layers: Sequence[Optional[str]]) -> Tuple[Tensor, List[Optional[Tensor]]]:
+        """Class probabilities (B, classes) and, for each row that names a halo layer, that layer's
+        per-block maps (blocks, win, win); None for the other rows. The maps come from the same
+        forward: the layer's input, for those rows only, through its map-returning path."""
+        maps: List[Optional[Tensor]] = [None] * len(batch)
+        rows_of: Dict[str, List[int]] = {}
+        for row, layer in enumerate(heatmap_layers):
+            if layer is not None:
+                rows_of.setdefault(layer, []).append(row)
+
+        def keep_maps(name: str, layer: HaloAttention, x: Tensor) -> None:
+            rows = rows_of[name]
+            for row, row_maps in zip(rows, layer.forward_with_maps(x[rows])[1].float().cpu()):
+                maps[row] = row_maps
+
+        with self._watching(rows_of, keep_maps):
             x = batch.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
             probs = self.model(x).float().softmax(-1).cpu()
         return probs, maps
@@ -143,7 +154,7 @@ class Engine:
         """A forward pass at each power-of-two batch size up to the maximum, and one with heatmaps."""
         size = 1
         while size <= self.settings.max_batch_size:
-            self.forward(torch.zeros(size, *self.cfg.input_size), set())
+            self.forward(torch.zeros(size, *self.cfg.input_size), [None] * size)
             size *= 2
         if self.default_heatmap_layer:
-            self.forward(torch.zeros(1, *self.cfg.input_size), {self.default_heatmap_layer})
+            self.forward(torch.zeros(1, *self.cfg.input_size), [self.default_heatmap_layer])

@@ -1,20 +1,16 @@
-"""HTTP endpoints. Parsing, validation and error mapping live here; the work is in engine and batcher."""
+"""HTTP endpoints: parse the request, call the pipeline (app/pipeline.py), send its answer. Errors
+are ServiceError, turned into JSON responses by app/main.py."""
 import asyncio
 import base64
 import binascii
 import time
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
-from torch import Tensor
-from starlette.concurrency import run_in_threadpool
 
-from model.transforms import ImageDecodeError, ImageTooLargeError, UnsupportedImageFormatError
-
-from .batcher import ClientGoneError, DeadlineExceededError, Job, QueueFullError, ShuttingDownError
 from .errors import ServiceError
 from .schemas import ErrorResponse, JsonPredictRequest, ModelInfo, PredictOptions, PredictResponse
 from .service import Service
@@ -116,25 +112,6 @@ async def _parse(request: Request, limit: int) -> Tuple[List[bytes], PredictOpti
     return files, _options(dict(request.query_params))
 
 
-def _decode_all(service: Service, files: List[bytes]) -> List[Tensor]:
-    """Decode and preprocess every image of a request (runs in the preprocessing thread pool)."""
-    engine = service.require_engine()
-    tensors = []
-    for i, data in enumerate(files):
-        where = f"image {i}" if len(files) > 1 else "image"
-        if not data:
-            raise ServiceError(400, "empty_image", f"{where} is empty")
-        try:
-            tensors.append(engine.decode(data))
-        except ImageTooLargeError as e:
-            raise ServiceError(413, "image_too_large", f"{where}: {e}") from e
-        except UnsupportedImageFormatError as e:
-            raise ServiceError(415, "unsupported_image_format", f"{where}: {e}") from e
-        except ImageDecodeError as e:
-            raise ServiceError(400, "undecodable_image", f"{where}: {e}") from e
-    return tensors
-
-
 async def _watch_disconnect(request: Request, gone: List[bool]) -> None:
     """Once the body is read, the next ASGI message can only be the client's disconnect: wait for it
     (no polling), and mark the request's images so the batcher drops them."""
@@ -157,53 +134,14 @@ async def predict(request: Request) -> JSONResponse:
     service = service_of(request)
     settings = service.settings
     deadline = time.monotonic() + settings.request_timeout_ms / 1000
-    engine = service.require_ready()
+    pipeline = service.require_ready()
     files, options = await _parse(request, settings.max_body_bytes)
-    if len(files) > settings.max_images_per_request:
-        raise ServiceError(413, "too_many_images",
-                           f"{len(files)} images in one request; the limit is {settings.max_images_per_request}")
-    if options.top_k > len(engine.labels):
-        raise ServiceError(422, "invalid_options", f"top_k must be at most {len(engine.labels)} (the class count)")
-    layer: Optional[str] = None
-    if options.heatmaps:
-        layer = options.heatmap_layer or engine.default_heatmap_layer
-        if layer not in engine.halo_layers:
-            raise ServiceError(422, "invalid_options", f"heatmap_layer {layer!r} is not a halo attention layer; "
-                                                       f"choose one of {', '.join(engine.halo_layers)}")
-    loop, gone = asyncio.get_running_loop(), [False]
-    with service.batcher.arriving(len(files)):
-        tensors = await loop.run_in_executor(service.preprocess_pool, _decode_all, service, files)
-        jobs = [Job(t, layer, deadline, loop, loop.create_future(), client_gone=lambda: gone[0]) for t in tensors]
-        try:
-            service.batcher.submit(jobs)
-        except QueueFullError as e:
-            raise ServiceError(503, "overloaded", str(e), retry_after=1) from e
-        except ShuttingDownError as e:
-            raise ServiceError(503, "shutting_down", str(e), retry_after=1) from e
+    gone = [False]
     watcher = asyncio.create_task(_watch_disconnect(request, gone))
     try:
-        results = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
+        results = await pipeline.predict(files, options, deadline, client_gone=lambda: gone[0])
     finally:
         watcher.cancel()
-    failure = next((r for r in results if isinstance(r, BaseException)), None)
-    if isinstance(failure, DeadlineExceededError):
-        raise ServiceError(504, "deadline_exceeded",
-                           f"{failure} (HALO_REQUEST_TIMEOUT_MS={settings.request_timeout_ms:g})")
-    if isinstance(failure, ClientGoneError):
-        raise ServiceError(499, "client_gone", str(failure))
-    if failure is not None:
-        raise failure
-
-    images = []
-    for tensor, result in zip(tensors, results):
-        image = dict(predictions=engine.top_k(result.probs, options.top_k),
-                     timing=dict(queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3,
-                                 batch_size=result.batch_size))
-        if layer is not None:
-            image["heatmaps"] = await run_in_threadpool(
-                engine.heatmaps, tensor, result.maps, layer, options.heatmap_format)
-        images.append(image)
     # Built to the PredictResponse schema (which documents it) and sent as is: validating our own
     # output again on every request would cost more than the rest of the route.
-    return JSONResponse(dict(model=engine.name, version=engine.version, results=images))
-
+    return JSONResponse(dict(model=pipeline.engine.name, version=pipeline.engine.version, results=results))

@@ -9,6 +9,7 @@ from .config import Settings
 from .engine import Engine
 from .errors import ServiceError
 from .metrics import Metrics
+from .pipeline import Pipeline
 
 log = logging.getLogger("halo.service")
 
@@ -23,6 +24,7 @@ class Service:
         self.preprocess_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="halo-preprocess")
         self.engine: Optional[Engine] = None
         self.batcher: Optional[Batcher] = None
+        self.pipeline: Optional[Pipeline] = None
         self.ready = False
         self.load_error: Optional[str] = None
         self._loader = threading.Thread(target=self._load, name="halo-loader", daemon=True)
@@ -39,6 +41,7 @@ class Service:
                               self.settings.max_queue, self.metrics)
             batcher.start()
             self.engine, self.batcher = engine, batcher
+            self.pipeline = Pipeline(engine, batcher, self.preprocess_pool, self.settings)
             self.ready = True
             log.info("model %s (%s) ready on %s, halo attention: %s", engine.name, engine.version, engine.device,
                      ", ".join(engine.attention_backends) or "none")
@@ -58,10 +61,11 @@ class Service:
             raise ServiceError(503, "not_ready", self.not_ready_reason(), retry_after=1)
         return self.engine
 
-    def require_ready(self) -> Engine:
-        if not self.ready:
+    def require_ready(self) -> Pipeline:
+        """The pipeline, while the service takes requests (loaded, warmed up, not shutting down)."""
+        if not self.ready or self.pipeline is None:
             raise ServiceError(503, "not_ready", self.not_ready_reason(), retry_after=1)
-        return self.require_engine()
+        return self.pipeline
 
     def shutdown(self) -> None:
         """Refuse new work, answer every accepted image, stop the threads."""

@@ -2,7 +2,7 @@
 import asyncio
 import threading
 import time
-from typing import Dict, List, Set, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -17,14 +17,16 @@ class FakeModel:
 
     def __init__(self) -> None:
         self.batches: List[int] = []
+        self.layers: List[List[Optional[str]]] = []
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, batch: torch.Tensor, layers: Set[str]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def __call__(self, batch: torch.Tensor, layers: Sequence[Optional[str]]
+                 ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
         self.gate.wait(10)
         self.batches.append(len(batch))
-        maps = {layer: batch[:, :1] * 0 + 1 for layer in layers}
-        return batch[:, 0], maps
+        self.layers.append(list(layers))
+        return batch[:, 0], [row[:1] * 0 + 1 if layer else None for row, layer in zip(batch, layers)]
 
 
 def make(model: FakeModel, max_batch_size: int = 4, max_wait_s: float = 0.05, max_queue: int = 100) -> Batcher:
@@ -99,7 +101,6 @@ def test_expired_and_abandoned_jobs_are_dropped_before_compute() -> None:
 
 
 def test_heatmap_maps_reach_only_the_jobs_that_asked() -> None:
-    batcher = make(FakeModel())
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -107,8 +108,11 @@ def test_heatmap_maps_reach_only_the_jobs_that_asked() -> None:
         batcher.submit(with_maps + without)
         return await with_maps[0].future, await without[0].future
 
+    model = FakeModel()
+    batcher = make(model)
     asked, not_asked = asyncio.run(main())
     assert asked.maps is not None and not_asked.maps is None
+    assert model.layers == [["layer.a", None]]  # one forward, told which row wants which maps
 
 
 def test_close_refuses_new_work_and_drain_answers_the_accepted() -> None:
@@ -136,7 +140,7 @@ def test_a_failing_forward_fails_its_batch_and_the_thread_goes_on() -> None:
         calls.append(len(batch))
         if len(calls) == 1:
             raise RuntimeError("out of memory")
-        return batch[:, 0], {}
+        return batch[:, 0], [None] * len(batch)
 
     batcher = Batcher(flaky, 4, 0.0, 100, Metrics())
     batcher.start()
@@ -152,3 +156,42 @@ def test_a_failing_forward_fails_its_batch_and_the_thread_goes_on() -> None:
         return await second[0].future
 
     assert asyncio.run(main()).probs.item() == 2.0
+
+
+def test_images_on_their_way_are_waited_for_and_no_longer_once_queued_or_withdrawn() -> None:
+    """The window is long (5 s); the model thread waits only while announced images are missing."""
+    model = FakeModel()
+    batcher = make(model, max_batch_size=8, max_wait_s=5.0)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        batcher.expect(2)  # a request decoding two images
+        batcher.expect(1)  # another, whose image will turn out undecodable
+        first = jobs(loop, [0])
+        started = time.monotonic()
+        batcher.submit(first)
+        await asyncio.sleep(0.2)
+        second = jobs(loop, [1, 2])
+        batcher.submit(second, announced=True)  # still one image announced: the thread waits on
+        await asyncio.sleep(0.2)
+        batcher.withdraw(1)  # nothing else is coming: the batch goes now, not after 5 s
+        results = [await job.future for job in first + second]
+        return results, time.monotonic() - started
+
+    results, took = asyncio.run(main())
+    assert model.batches == [3] and took < 2.0, (model.batches, took)
+    assert [r.probs.item() for r in results] == [0.0, 1.0, 2.0]
+
+
+def test_a_lone_request_is_not_held_for_company() -> None:
+    model = FakeModel()
+    batcher = make(model, max_batch_size=8, max_wait_s=5.0)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        batcher.expect(1)
+        lone = jobs(loop, [7])
+        batcher.submit(lone, announced=True)
+        return await lone[0].future
+
+    assert asyncio.run(main()).queue_s < 0.05  # taken at once, not after the 5 s window
