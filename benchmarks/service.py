@@ -17,16 +17,15 @@ import asyncio
 import io
 import json
 import os
-import time
 from typing import Dict, List, Optional
 
-import httpx
 import numpy as np
 import torch
 from PIL import Image
 
 from app.config import Settings
 from app.engine import Engine
+from benchmarks.closed_loop import drive
 from benchmarks.timing import time_alternating
 from benchmarks.server import ServerProcess
 
@@ -40,39 +39,6 @@ def sample_images(count: int = 16) -> List[bytes]:
         Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L").save(buffer, format="PNG")
         images.append(buffer.getvalue())
     return images
-
-
-async def drive(url: str, concurrency: int, seconds: float, images: List[bytes]) -> Dict[str, float]:
-    """``concurrency`` clients, each with its own connection, sending one request after another."""
-    latencies: List[float] = []
-    errors = 0
-    stop_at = time.monotonic() + seconds
-    client_cpu = time.process_time()
-
-    # One AsyncClient (one keep-alive connection) per simulated client, as independent users would
-    # be: a single client's shared pool costs CPU that grows with the number of requests that
-    # complete together, which is what batching makes them do, and the benchmark shares the cores.
-    async def one_client(index: int) -> None:
-        nonlocal errors
-        i = index
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            while time.monotonic() < stop_at:
-                started = time.perf_counter()
-                response = await client.post("/predict?top_k=1", files=[("file", ("x.png", images[i % len(images)]))])
-                if response.status_code == 200:
-                    latencies.append(time.perf_counter() - started)
-                else:
-                    errors += 1
-                i += 1
-
-    started = time.monotonic()
-    await asyncio.gather(*(one_client(i) for i in range(concurrency)))
-    elapsed = time.monotonic() - started
-    client_cpu = time.process_time() - client_cpu
-    quantiles = np.percentile(latencies, [50, 95, 99]) * 1e3 if latencies else [float("nan")] * 3
-    return dict(concurrency=concurrency, images_per_s=len(latencies) / elapsed, p50_ms=float(quantiles[0]),
-                p95_ms=float(quantiles[1]), p99_ms=float(quantiles[2]), requests=len(latencies), errors=errors,
-                client_cpu_ms_per_request=client_cpu / max(len(latencies), 1) * 1e3)
 
 
 def run_mode(name: str, env: Dict[str, str], levels: List[int], seconds: float,
@@ -106,7 +72,7 @@ def raw_model_throughput(settings: Settings, batch: int) -> float:
     """Images/s of the bare forward pass at ``batch``, as the service prepares the model."""
     engine = Engine(settings)
     inputs = torch.zeros(batch, *engine.cfg.input_size)
-    seconds = time_alternating([lambda: engine.forward(inputs, set())], rounds=5, min_seconds=3.0)[0]
+    seconds = time_alternating([lambda: engine.forward(inputs, [None] * batch)], rounds=5, min_seconds=3.0)[0]
     return batch / seconds
 
 

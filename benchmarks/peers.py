@@ -1,0 +1,193 @@
+"""This service against LitServe and a naive FastAPI endpoint, on the same Engine, in one run.
+
+All three serve the same model with the same torch threads (HALO_* variables apply to all) and the
+same maximum batch and window where they batch; one closed-loop client in a process of its own
+(benchmarks/closed_loop.py: one connection per simulated client, JSON base64 Fashion-MNIST PNGs,
+2 s warm-up, then the measured seconds) drives one server at a time, while the other two are frozen
+(SIGSTOP: LitServe polls its queues when idle); servers and rounds alternate, so that the
+machine's noise hits all alike. Per server and level: images/s, p50/p95/p99, errors and the
+server's CPU per image (all its processes); then the raw model at batch 1 and at the mean batch
+this service formed.
+
+    python -m benchmarks.peers                              # default model at 1/8/32/64 clients, halonet26t at 8/32
+    python -m benchmarks.peers --levels 32 --rounds 3 --skip-model-bound --json peers.json
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import mean
+from typing import Dict, List, Optional
+
+import httpx
+import torch
+
+from app.config import Settings
+from benchmarks.server import ROOT, free_port, metric_value
+from benchmarks.service import raw_model_throughput
+
+SERVERS = ["halonet-serve", "litserve", "naive"]
+READY_PATH = {"halonet-serve": "/readyz", "litserve": "/health", "naive": "/health"}
+
+
+class PeerServer:
+    """One server in a session of its own, so that all its processes freeze, thaw and stop together."""
+
+    def __init__(self, name: str, env: Dict[str, str]):
+        self.name, self.port = name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        if name == "halonet-serve":
+            command = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(self.port)]
+        else:
+            command = [sys.executable, "-m", "benchmarks.peer_servers", name, "--port", str(self.port)]
+        self.process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "HALO_LOG_LEVEL": "warning", **env},
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        until = time.monotonic() + timeout
+        while time.monotonic() < until:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}")
+            try:
+                if httpx.get(self.url + READY_PATH[self.name], timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} did not become ready")
+
+    def signal(self, number: int) -> None:
+        os.killpg(self.process.pid, number)
+
+    def cpu_seconds(self) -> float:
+        """CPU time of every process of its session (LitServe's workers included)."""
+        total = 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == self.process.pid:  # session id
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.signal(signal.SIGCONT)
+            self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.process.wait()
+
+
+def measure(server: PeerServer, clients: int, seconds: float, warmup: float) -> Dict[str, float]:
+    """One level against one thawed server, with the client in its own process."""
+    counters = ("halo_batch_size_count", "halo_batch_size_sum")
+    batches = [metric_value(httpx.get(server.url + "/metrics").text, c) for c in counters] \
+        if server.name == "halonet-serve" else None
+    client = subprocess.Popen([sys.executable, "-m", "benchmarks.closed_loop", "--url", server.url, "--clients",
+                               str(clients), "--seconds", str(seconds), "--warmup", str(warmup)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    time.sleep(warmup)
+    cpu_from = server.cpu_seconds()
+    output, _ = client.communicate(timeout=warmup + seconds + 120)
+    server_cpu = server.cpu_seconds() - cpu_from
+    row = json.loads(output)
+    row.update(server=server.name, server_cpu_ms_per_image=server_cpu / max(row["requests"], 1) * 1e3)
+    if batches is not None:
+        after = [metric_value(httpx.get(server.url + "/metrics").text, c) for c in counters]
+        row["mean_batch"] = (after[1] - batches[1]) / max(after[0] - batches[0], 1)
+    return row
+
+
+def run(model: Optional[str], levels: List[int], rounds: int, seconds: float, warmup: float) -> List[Dict]:
+    env = {"HALO_MODEL": model} if model else {}
+    servers = [PeerServer(name, env) for name in SERVERS]
+    rows = []
+    try:
+        for server in servers:
+            server.wait_ready()
+            server.signal(signal.SIGSTOP)
+        for clients in levels:
+            for round_ in range(rounds):
+                order = servers if round_ % 2 == 0 else servers[::-1]
+                for server in order:
+                    server.signal(signal.SIGCONT)
+                    try:
+                        row = measure(server, clients, seconds, warmup)
+                    finally:
+                        server.signal(signal.SIGSTOP)
+                    row.update(model=model or Settings().model, round=round_)
+                    rows.append(row)
+                    print(f"{row['model']:<16} {server.name:<13} clients {clients:>3} round {round_}: "
+                          f"{row['images_per_s']:7.1f} images/s  p50 {row['p50_ms']:7.1f}  p95 {row['p95_ms']:7.1f}  "
+                          f"p99 {row['p99_ms']:7.1f} ms  errors {row['errors']}  server CPU "
+                          f"{row['server_cpu_ms_per_image']:.2f} ms/image"
+                          + (f"  mean batch {row['mean_batch']:.1f}" if "mean_batch" in row else ""), flush=True)
+    finally:
+        for server in servers:
+            server.stop()
+    return rows
+
+
+def summarize(rows: List[Dict]) -> List[Dict]:
+    """Per model and level: each server's round means, and ours against each peer."""
+    summary = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for clients in dict.fromkeys(r["concurrency"] for r in rows if r["model"] == model):
+            level = {name: [r for r in rows if (r["model"], r["concurrency"], r["server"]) == (model, clients, name)]
+                     for name in SERVERS}
+            means = {name: {k: mean(r[k] for r in runs) for k in ("images_per_s", "p50_ms", "p95_ms", "p99_ms")}
+                     for name, runs in level.items()}
+            ours = means["halonet-serve"]
+            entry = dict(model=model, concurrency=clients, means=means, p99_over_p50=ours["p99_ms"] / ours["p50_ms"])
+            for peer in ("litserve", "naive"):
+                entry[f"throughput_over_{peer}"] = ours["images_per_s"] / means[peer]["images_per_s"]
+                entry[f"p50_over_{peer}"] = ours["p50_ms"] / means[peer]["p50_ms"]
+                entry[f"p99_over_{peer}"] = ours["p99_ms"] / means[peer]["p99_ms"]
+            summary.append(entry)
+            print(f"{model:<16} clients {clients:>3}: images/s x{entry['throughput_over_litserve']:.2f} LitServe, "
+                  f"x{entry['throughput_over_naive']:.2f} naive; p50 x{entry['p50_over_litserve']:.2f} LitServe; "
+                  f"p99 x{entry['p99_over_litserve']:.2f} LitServe, x{entry['p99_over_naive']:.2f} naive; "
+                  f"our p99/p50 {entry['p99_over_p50']:.2f}")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--model-bound-levels", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--skip-model-bound", action="store_true", help="no halonet26t rows")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--json", help="also write rows and summary to this JSON file")
+    args = parser.parse_args()
+    print(f"peer benchmark on {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{Settings().threads or 'default'} model threads (HALO_THREADS)", flush=True)
+    rows = run(None, args.levels, args.rounds, args.seconds, args.warmup)
+    if not args.skip_model_bound:
+        rows += run("halonet26t", args.model_bound_levels, args.rounds, args.seconds, args.warmup)
+    summary = summarize(rows)
+    ours = {(r["model"], r["concurrency"]): r["mean_batch"] for r in rows if r["server"] == "halonet-serve"}
+    raw = {}
+    for (model, clients), batch in ours.items():
+        settings = Settings(model=model)
+        for size in sorted({1, max(1, round(batch))}):
+            if (model, size) not in raw:
+                raw[(model, size)] = raw_model_throughput(settings, size)
+                print(f"raw model {model} at batch {size:>3}: {raw[(model, size)]:8.1f} images/s", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(rows=rows, summary=summary,
+                           raw=[dict(model=m, batch=b, images_per_s=v) for (m, b), v in raw.items()]), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
