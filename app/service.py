@@ -1,4 +1,5 @@
 """The lifespan object: everything the app holds while it runs (no module-level state)."""
+import gc
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -42,12 +43,22 @@ class Service:
             batcher.start()
             self.engine, self.batcher = engine, batcher
             self.pipeline = Pipeline(engine, batcher, self.preprocess_pool, self.settings)
+            self.freeze_startup_heap()
             self.ready = True
             log.info("model %s (%s) ready on %s, halo attention: %s", engine.name, engine.version, engine.device,
                      ", ".join(engine.attention_backends) or "none")
         except Exception as e:  # the process stays up and says why in /readyz
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("loading the model failed")
+
+    @staticmethod
+    def freeze_startup_heap() -> None:
+        """Moves everything alive now (torch, the model, the app: about 380,000 objects for the
+        shipped model) out of the garbage collector's sight. They live as long as the process, yet
+        every full collection walked them all: one took 382 ms under load at 32 clients and set
+        p99; frozen, the same collection takes 2 ms (docs/performance.md)."""
+        gc.collect()
+        gc.freeze()
 
     def wait_until_loaded(self, timeout: Optional[float] = None) -> bool:
         self._loader.join(timeout)

@@ -1,4 +1,6 @@
 """Health, readiness, model info, metrics, request ids, OpenAPI."""
+import gc
+
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -31,6 +33,12 @@ def test_failed_load_keeps_the_process_up_and_says_why(tmp_path) -> None:
         response = broken.get("/readyz")
         assert response.status_code == 503 and "does not exist" in response.json()["error"]["message"]
         assert broken.get("/healthz").status_code == 200
+
+
+def test_what_start_up_made_is_out_of_the_collectors_sight_once_ready(client) -> None:
+    """Full collections skip the model and everything else that lives as long as the process."""
+    model = client.app.state.service.engine.model
+    assert gc.get_freeze_count() > 0 and not any(o is model for o in gc.get_objects(generation=2))
 
 
 def test_model_info(client) -> None:
