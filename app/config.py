@@ -22,7 +22,8 @@ class Settings(BaseSettings):
         "auto", description="halo attention backend")
     threads: int = Field(
         0, ge=0, description="torch CPU threads of the model; 0 = one per core but one (at least 1), so that the "
-                             "event loop and image decoding keep a core")
+                             "event loop and image decoding keep a core, or every core when a batch-1 forward "
+                             "takes over 20 ms at start (the model dominates)")
     max_batch_size: int = Field(32, ge=1, description="most images in one forward pass")
     max_wait_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill once it has one image")
     max_queue: int = Field(512, ge=1, description="images waiting at most; beyond it requests get 503")

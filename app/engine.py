@@ -2,6 +2,7 @@
 import base64
 import hashlib
 import os
+import time
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -37,12 +38,23 @@ def _file_digest(path: os.PathLike) -> str:
     return digest.hexdigest()[:12]
 
 
-def default_model_threads() -> int:
-    """One torch thread per usable core but one. The request path (event loop, multipart parsing,
-    decoding) runs beside the model; when the model's threads take every core, each parallel op
-    waits for a descheduled thread: on 2 cores one thread served 17% more images/s at 32 clients
-    and halved p99 at 1 client (docs/performance.md)."""
+# A model whose batch-1 forward takes longer than this on the threads below dominates the request
+# path (2-6 core-ms per image on the machines measured): it gets every core, as a core kept for the
+# requests would mostly idle. halonet26t takes 130-170 ms on 2 cores and served x1.6 more images/s
+# at 8 clients with both; the shipped model takes 1-7 ms and serves more with a core left to the
+# requests (docs/performance.md).
+MODEL_BOUND_FORWARD_S = 0.02
+
+
+def default_model_threads(forward_s: Optional[float] = None) -> int:
+    """One torch thread per usable core but one, or every core once a batch-1 forward has been
+    timed at over MODEL_BOUND_FORWARD_S. The request path (event loop, parsing, decoding) runs
+    beside the model; when the model's threads take every core, each parallel op waits for a
+    descheduled thread: on 2 cores one thread served 17% more images/s at 32 clients with the
+    shipped model and halved p99 at 1 client (docs/performance.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if forward_s is not None and forward_s > MODEL_BOUND_FORWARD_S:
+        return cores
     return max(1, cores - 1)
 
 
@@ -67,6 +79,9 @@ class Engine:
             str(i) for i in range(self.cfg.num_classes)]
         self.halo_layers = dict(self.model.halo_layers())
         self.feature_sizes, self.attention_backends = self._trace_halo_layers()
+        if not settings.threads and self.device.type == "cpu":
+            self.threads = default_model_threads(self._batch_one_forward_seconds())
+            torch.set_num_threads(self.threads)
         grids = {name: self._blocks(name) for name in self.halo_layers}
         multi_block = [name for name in self.halo_layers if grids[name][0] >= 2 and grids[name][1] >= 2]
         self.default_heatmap_layer: Optional[str] = multi_block[-1] if multi_block else (
@@ -96,6 +111,16 @@ class Engine:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _batch_one_forward_seconds(self) -> float:
+        """The fastest of three batch-1 forwards (after the trace's, which warmed the model up): the
+        least disturbed by whatever else the machine runs while the service starts."""
+        inputs, times = torch.zeros(1, *self.cfg.input_size), []
+        for _ in range(3):
+            started = time.perf_counter()
+            self.forward(inputs, [None])
+            times.append(time.perf_counter() - started)
+        return min(times)
 
     def _blocks(self, layer: str) -> Tuple[int, int]:
         h, w = self.feature_sizes[layer]
