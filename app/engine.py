@@ -40,9 +40,9 @@ def _file_digest(path: os.PathLike) -> str:
 
 # A model whose batch-1 forward takes longer than this on the threads below dominates the request
 # path (2-6 core-ms per image on the machines measured): it gets every core, as a core kept for the
-# requests would mostly idle. halonet26t takes 130-170 ms on 2 cores and served x1.6 more images/s
-# at 8 clients with both; the shipped model takes 1-7 ms and serves more with a core left to the
-# requests (docs/performance.md).
+# requests would mostly idle. halonet26t takes 130-170 ms on 2 cores and served 11.2 images/s at 8
+# clients with both against 6.6 with one; the shipped model takes 1-7 ms and serves more with a
+# core left to the requests (docs/performance.md).
 MODEL_BOUND_FORWARD_S = 0.02
 
 
