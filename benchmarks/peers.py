@@ -19,78 +19,28 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from statistics import mean
 from typing import Dict, List, Optional
 
-import httpx
 import torch
 
 from app.config import Settings
-from benchmarks.server import ROOT, free_port, metric_value
+from benchmarks.server import ROOT, ServerProcess
 from benchmarks.service import raw_model_throughput
 
 SERVERS = ["halonet-serve", "litserve", "naive"]
-READY_PATH = {"halonet-serve": "/readyz", "litserve": "/health", "naive": "/health"}
 
 
-class PeerServer:
-    """One server in a session of its own, so that all its processes freeze, thaw and stop together."""
-
-    def __init__(self, name: str, env: Dict[str, str]):
-        self.name, self.port = name, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        if name == "halonet-serve":
-            command = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(self.port)]
-        else:
-            command = [sys.executable, "-m", "benchmarks.peer_servers", name, "--port", str(self.port)]
-        self.process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "HALO_LOG_LEVEL": "warning", **env},
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        until = time.monotonic() + timeout
-        while time.monotonic() < until:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}")
-            try:
-                if httpx.get(self.url + READY_PATH[self.name], timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"{self.name} did not become ready")
-
-    def signal(self, number: int) -> None:
-        os.killpg(self.process.pid, number)
-
-    def cpu_seconds(self) -> float:
-        """CPU time of every process of its session (LitServe's workers included)."""
-        total = 0.0
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == self.process.pid:  # session id
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.signal(signal.SIGCONT)
-            self.signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.signal(signal.SIGKILL)
-                self.process.wait()
+def start_server(name: str, env: Dict[str, str]) -> ServerProcess:
+    if name == "halonet-serve":
+        return ServerProcess(env)
+    return ServerProcess(env, command=("benchmarks.peer_servers", name, "--port", "{port}"), ready_path="/health")
 
 
-def measure(server: PeerServer, clients: int, seconds: float, warmup: float) -> Dict[str, float]:
+def measure(name: str, server: ServerProcess, clients: int, seconds: float, warmup: float) -> Dict[str, float]:
     """One level against one thawed server, with the client in its own process."""
     counters = ("halo_batch_size_count", "halo_batch_size_sum")
-    batches = [metric_value(httpx.get(server.url + "/metrics").text, c) for c in counters] \
-        if server.name == "halonet-serve" else None
+    batches = [server.metric(c) for c in counters] if name == "halonet-serve" else None
     client = subprocess.Popen([sys.executable, "-m", "benchmarks.closed_loop", "--url", server.url, "--clients",
                                str(clients), "--seconds", str(seconds), "--warmup", str(warmup)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -99,39 +49,38 @@ def measure(server: PeerServer, clients: int, seconds: float, warmup: float) -> 
     output, _ = client.communicate(timeout=warmup + seconds + 120)
     server_cpu = server.cpu_seconds() - cpu_from
     row = json.loads(output)
-    row.update(server=server.name, server_cpu_ms_per_image=server_cpu / max(row["requests"], 1) * 1e3)
+    row.update(server=name, server_cpu_ms_per_image=server_cpu / max(row["requests"], 1) * 1e3)
     if batches is not None:
-        after = [metric_value(httpx.get(server.url + "/metrics").text, c) for c in counters]
+        after = [server.metric(c) for c in counters]
         row["mean_batch"] = (after[1] - batches[1]) / max(after[0] - batches[0], 1)
     return row
 
 
 def run(model: Optional[str], levels: List[int], rounds: int, seconds: float, warmup: float) -> List[Dict]:
     env = {"HALO_MODEL": model} if model else {}
-    servers = [PeerServer(name, env) for name in SERVERS]
+    servers = {name: start_server(name, env) for name in SERVERS}
     rows = []
     try:
-        for server in servers:
-            server.wait_ready()
+        for server in servers.values():
+            server.wait_ready(timeout=180)  # LitServe starts its worker processes: slower
             server.signal(signal.SIGSTOP)
         for clients in levels:
             for round_ in range(rounds):
-                order = servers if round_ % 2 == 0 else servers[::-1]
-                for server in order:
-                    server.signal(signal.SIGCONT)
+                for name in SERVERS if round_ % 2 == 0 else SERVERS[::-1]:
+                    servers[name].signal(signal.SIGCONT)
                     try:
-                        row = measure(server, clients, seconds, warmup)
+                        row = measure(name, servers[name], clients, seconds, warmup)
                     finally:
-                        server.signal(signal.SIGSTOP)
+                        servers[name].signal(signal.SIGSTOP)
                     row.update(model=model or Settings().model, round=round_)
                     rows.append(row)
-                    print(f"{row['model']:<16} {server.name:<13} clients {clients:>3} round {round_}: "
+                    print(f"{row['model']:<16} {name:<13} clients {clients:>3} round {round_}: "
                           f"{row['images_per_s']:7.1f} images/s  p50 {row['p50_ms']:7.1f}  p95 {row['p95_ms']:7.1f}  "
                           f"p99 {row['p99_ms']:7.1f} ms  errors {row['errors']}  server CPU "
                           f"{row['server_cpu_ms_per_image']:.2f} ms/image"
                           + (f"  mean batch {row['mean_batch']:.1f}" if "mean_batch" in row else ""), flush=True)
     finally:
-        for server in servers:
+        for server in servers.values():
             server.stop()
     return rows
 

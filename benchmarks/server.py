@@ -1,12 +1,13 @@
-"""A ``python -m app`` process on a free loopback port, for benchmarks and integration tests."""
+"""A server process on a free loopback port (the service by default), for benchmarks and tests."""
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Sequence
 
 import httpx
 
@@ -27,24 +28,37 @@ def metric_value(exposition: str, name: str) -> float:
     raise KeyError(name)
 
 
-class ServerProcess:
-    """Starts the service with the given HALO_* settings; ``stop`` sends SIGTERM (graceful)."""
+def read_metric(url: str, name: str) -> float:
+    """One sample of the /metrics page of the server at ``url``."""
+    return metric_value(httpx.get(f"{url}/metrics").text, name)
 
-    def __init__(self, env: Dict[str, str]):
+
+class ServerProcess:
+    """A server on a free loopback port, in a session of its own, so that every process it starts
+    (LitServe's workers) is signalled, measured and stopped with it. By default the service with the
+    given HALO_* settings; ``command`` runs another module (``{port}`` in its arguments is filled
+    in), ready once ``ready_path`` answers 200. ``stop`` sends SIGTERM (graceful)."""
+
+    def __init__(self, env: Dict[str, str], command: Sequence[str] = ("app",), ready_path: str = "/readyz"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.ready_path = ready_path
         full_env = {**os.environ, "HALO_HOST": "127.0.0.1", "HALO_PORT": str(self.port),
                     "HALO_LOG_LEVEL": "warning", **env}
-        self.process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=full_env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # Output to a file, not a pipe nobody reads while it runs: a full pipe would block the server.
+        self.output = tempfile.TemporaryFile()
+        self.process = subprocess.Popen([sys.executable, "-m", *(a.format(port=self.port) for a in command)],
+                                        cwd=ROOT, env=full_env, stdout=self.output, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
 
     def wait_ready(self, timeout: float = 120) -> None:
         until = time.monotonic() + timeout
         while time.monotonic() < until:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stdout.read().decode()[-2000:]}")
+                self.output.seek(0)
+                raise RuntimeError(f"server exited: {self.output.read().decode()[-2000:]}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -52,19 +66,32 @@ class ServerProcess:
         raise TimeoutError("server did not become ready")
 
     def metric(self, name: str) -> float:
-        return metric_value(httpx.get(f"{self.url}/metrics").text, name)
+        return read_metric(self.url, name)
+
+    def signal(self, number: int) -> None:
+        """To every process of its session (SIGSTOP freezes it whole, SIGCONT thaws it)."""
+        os.killpg(self.process.pid, number)
 
     def cpu_seconds(self) -> float:
-        """CPU time the server process has used so far, all its threads (Linux /proc)."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        """CPU time every process of its session has used so far, all their threads (Linux /proc)."""
+        total = 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            if int(fields[3]) == self.process.pid:  # session id
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        return total
 
     def stop(self) -> int:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.signal(signal.SIGCONT)  # a frozen server could not act on SIGTERM
+            self.signal(signal.SIGTERM)
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self.signal(signal.SIGKILL)
                 self.process.wait()
+        self.output.close()
         return self.process.returncode
