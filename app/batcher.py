@@ -111,17 +111,15 @@ class Batcher:
         counted off in the same step (also when refused): the model thread never waits for images
         that are already queued."""
         with self._changed:
+            self._changed.notify_all()  # taken up once the lock is free: queued, or no longer on their way
             if announced:
                 self._arriving -= len(jobs)
             if self._closed:
-                self._changed.notify_all()
                 raise ShuttingDownError("the service is shutting down")
             if len(self._queue) + len(jobs) > self.max_queue:
-                self._changed.notify_all()
                 raise QueueFullError(f"the queue holds {len(self._queue)} images (limit {self.max_queue})")
             self._pending += len(jobs)
             self._queue.extend(jobs)
-            self._changed.notify_all()
         self._metrics.queue_depth.set(len(self._queue))
 
     def close(self) -> None:
