@@ -44,7 +44,8 @@ from typing import Callable, Dict, List, Optional
 import httpx
 from PIL import Image
 
-from benchmarks.server import ROOT, ServerProcess, free_port, metric_value
+from benchmarks.closed_loop import fashion_pngs
+from benchmarks.server import ROOT, ServerProcess, free_port, metric_value, read_metric
 from tests.burst import Burst, shaded_pngs
 from tests.docker.dockerd import PrivateDockerd
 from tests.docker.standins import import_images, root_archive
@@ -170,11 +171,9 @@ def sample_images() -> Dict[str, bytes]:
     """A real photo (scikit-image's cat, JPEG) and the first Fashion-MNIST test image (PNG)."""
     from skimage import data
 
-    from model.fashion_mnist import load_split
-    photo, fashion = io.BytesIO(), io.BytesIO()
+    photo = io.BytesIO()
     Image.fromarray(data.chelsea()).save(photo, format="JPEG", quality=90)
-    Image.fromarray(load_split("test")[0][0].numpy()).save(fashion, format="PNG")
-    return {"photo.jpg": photo.getvalue(), "fashion.png": fashion.getvalue()}
+    return {"photo.jpg": photo.getvalue(), "fashion.png": fashion_pngs(1)[0]}
 
 
 def top5(url: str, name: str, image: bytes) -> List[tuple]:
@@ -194,7 +193,8 @@ class Stack:
 
     def compose(self, *args: str, check: bool = True, env: Optional[Dict[str, str]] = None,
                 timeout: float = 900) -> subprocess.CompletedProcess:
-        command = [*self.command, "-p", PROJECT, "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml")]
+        command = [*self.command, "-p", PROJECT, "--project-directory", str(ROOT),
+                   "-f", str(ROOT / "docker-compose.yml")]
         full_env = {**self.dockerd.env, "COMPOSE_DOCKER_CLI_BUILD": "0", "DOCKER_BUILDKIT": "0", **(env or {})}
         result = subprocess.run(command + list(args), env=full_env, capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
@@ -265,7 +265,7 @@ class Stack:
                               timeout=60)
         maps = response.json()["results"][0]["heatmaps"]
         assert response.status_code == 200 and abs(sum(map(sum, maps["image_map"])) - 1) < 1e-3, response.text[:500]
-        served = metric_value(httpx.get(f"{API}/metrics").text, PREDICTED)
+        served = read_metric(API, PREDICTED)
         assert served == 3, served
         return f"healthy in {took:.0f} s (start period {start_period} s), top-5 as on the host for both images"
 
@@ -309,9 +309,9 @@ class Stack:
         container = self.containers("api")[0]
         photo = sample_images()["photo.jpg"]
         burst = Burst(API, clients=48, requests=1, images=[photo])
-        wait_until(lambda: metric_value(httpx.get(f"{API}/metrics").text, "halo_queue_depth") >= 8, 60,
+        wait_until(lambda: read_metric(API, "halo_queue_depth") >= 8, 60,
                    "8 requests queued")
-        queued = metric_value(httpx.get(f"{API}/metrics").text, "halo_queue_depth")
+        queued = read_metric(API, "halo_queue_depth")
         start = time.monotonic()
         self.compose("stop", "api", env=slow, timeout=120)
         took = time.monotonic() - start
