@@ -7,7 +7,8 @@ from benchmarks.peers import SERVERS, summarize
 def test_summary_compares_round_means_of_the_same_model_and_level() -> None:
     rows = []
     for server, images_per_s, p50, p99 in (("halonet-serve", (300, 340), 10, (15, 25)),
-                                           ("litserve", (200, 200), 20, (40, 40)), ("naive", (100, 150), 40, (80, 120))):
+                                           ("litserve", (200, 200), 20, (40, 40)),
+                                           ("naive", (100, 150), 40, (80, 120))):
         for round_ in (0, 1):
             rows.append(dict(model="m", concurrency=32, server=server, round=round_, images_per_s=images_per_s[round_],
                              p50_ms=p50, p95_ms=p50, p99_ms=p99[round_]))
