@@ -4,17 +4,23 @@ The policy, all of it here:
 
 - A request's images enter one bounded queue (``max_queue`` images); a request that would
   overflow it is refused at once (``QueueFullError`` -> 503 with Retry-After).
-- One model thread takes the oldest image, then keeps taking until the batch holds
-  ``max_batch_size`` images or ``max_wait_s`` has passed since it took the first. Images already
-  queued are taken without waiting, so under load batches fill instantly; and it waits only while
-  more images are on their way (requests being decoded: announced with ``expect``, counted off
-  when ``submit`` queues them or ``withdraw`` gives them up, either of which wakes it), so a lone
-  request never waits for company that is not coming.
+- Each model worker (one thread; several when the model dominates, each with its own batch) takes
+  the oldest image, then keeps taking: images already queued without waiting, so under load
+  batches fill instantly, up to the policy's batch size. It waits only while more images are on
+  their way (requests being decoded: announced with ``expect``, counted off when ``submit`` queues
+  them or ``withdraw`` gives them up, either of which wakes it), so a lone request never waits for
+  company that is not coming; how long it waits is the policy's:
+  - ``FixedWindow``: up to ``max_wait_s`` after the first image, batches up to ``max_batch_size``.
+  - ``AdaptiveWindow``: from ``ForwardCosts`` (seconds per forward by batch size, seeded by the
+    warm-up, learned as it serves) and the measured gap between arriving images, it waits for the
+    next image only while that lowers the expected latency of the images queued and the one
+    coming (never past ``max_wait_s``), and forms no batch larger than the size where images/s
+    stops growing.
 - Before compute, images whose request deadline has passed are answered with
   ``DeadlineExceededError`` (-> 504) and images whose client has gone are dropped.
-- While the model thread computes, the event loop keeps accepting requests and the queue fills
-  with the next batch. One forward serves the batch, heatmap maps only for the rows that asked;
-  results go back to each request's own future: nothing is shared.
+- While a worker computes, the event loop keeps accepting requests and the queue fills with the
+  next batch. One forward serves the batch, heatmap maps only for the rows that asked; results go
+  back to each request's own future: nothing is shared.
 - ``close`` refuses new work; ``drain`` then waits until every accepted image is answered.
 """
 import asyncio
@@ -22,7 +28,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -63,6 +69,144 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
 
 
+class ForwardCosts:
+    """Seconds of one forward by batch size: per size, an exponential moving average of what the
+    forwards took (the warm-up seeds it, serving updates it); sizes not measured yet are read off
+    the line between the nearest measured ones, or scaled from the largest."""
+
+    SMOOTHING = 0.2  # weight of the newest forward: a few dozen batches of a size follow a change
+
+    def __init__(self, seed: Mapping[int, float] = ()) -> None:
+        self._seconds: Dict[int, float] = {}
+        for size, seconds in dict(seed).items():
+            self.observe(size, seconds)
+
+    @property
+    def known(self) -> bool:
+        return bool(self._seconds)
+
+    def observe(self, size: int, seconds: float) -> None:
+        before = self._seconds.get(size)
+        self._seconds[size] = seconds if before is None else before + self.SMOOTHING * (seconds - before)
+
+    def seconds(self, size: int) -> float:
+        if size in self._seconds:
+            return self._seconds[size]
+        sizes = sorted(self._seconds)
+        below = [s for s in sizes if s < size]
+        above = [s for s in sizes if s > size]
+        if not below:
+            return self._seconds[above[0]]
+        if not above:
+            return self._seconds[below[-1]] * size / below[-1]
+        lo, hi = below[-1], above[0]
+        return self._seconds[lo] + (self._seconds[hi] - self._seconds[lo]) * (size - lo) / (hi - lo)
+
+    def efficient_size(self, limit: int, tolerance: float = 0.03) -> int:
+        """The smallest measured size up to ``limit`` whose images/s is within ``tolerance`` of the
+        best measured: beyond it a larger batch adds latency and no throughput."""
+        sizes = sorted(s for s in self._seconds if s <= limit)
+        if not sizes:
+            return limit
+        rates = {s: s / max(self._seconds[s], 1e-9) for s in sizes}
+        best = max(rates.values())
+        return next(s for s in sizes if rates[s] >= (1 - tolerance) * best)
+
+
+class BatchPolicy(Protocol):
+    """How large a batch may grow and how long a worker waits for it; told what arrives and costs."""
+
+    def batch_size(self) -> int: ...
+
+    def wait_s(self, batch: int, arriving: int, waited_s: float) -> float:
+        """How long to wait now for the next image, with ``batch`` images taken, ``arriving`` on
+        their way and ``waited_s`` since the first was taken (0: compute the batch as it is)."""
+        ...
+
+    def arrived(self, images: int, now: float, still_arriving: int) -> None:
+        """``images`` were queued at ``now``, with ``still_arriving`` more announced."""
+        ...
+
+    def computed(self, batch: int, seconds: float) -> None: ...
+
+
+MIN_WAIT_S = 1e-4  # a shorter wait costs about as much in the wake-up as it could gain
+
+
+class FixedWindow:
+    """Batches up to ``max_batch_size``, waiting up to ``max_wait_s`` after the first image for
+    images on their way (HALO_BATCH_POLICY=fixed)."""
+
+    def __init__(self, max_batch_size: int, max_wait_s: float):
+        self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
+
+    def batch_size(self) -> int:
+        return self.max_batch_size
+
+    def wait_s(self, batch: int, arriving: int, waited_s: float) -> float:
+        remaining = self.max_wait_s - waited_s
+        return remaining if arriving > 0 and remaining >= MIN_WAIT_S else 0.0
+
+    def arrived(self, images: int, now: float, still_arriving: int) -> None:
+        pass
+
+    def computed(self, batch: int, seconds: float) -> None:
+        pass
+
+
+class AdaptiveWindow(FixedWindow):
+    """Waits for the next image only when that lowers the expected total latency of the images in
+    the batch and of that image (HALO_BATCH_POLICY=adaptive), from the forward costs ``c(n)`` and
+    the mean gap ``g`` between arriving images. With ``n`` images in hand:
+
+    - compute now: the ``n`` images take ``c(n)``; the next one arrives after ``g``, waits for the
+      model to be free and runs on its own: ``n c(n) + max(0, c(n) - g) + c(1)``;
+    - wait for it: all ``n + 1`` take ``g + c(n + 1)``: ``(n + 1)(g + c(n + 1)) - g``.
+
+    ``g`` is averaged over the gaps that follow an arrival with more images announced: the gaps
+    between bursts (when nothing was on its way) do not count.
+
+    Waiting pays where the next image adds less to a forward than a forward of its own costs, and
+    arrives soon. Never past ``max_wait_s``, and batches stop at the size where images/s stops
+    growing (``ForwardCosts.efficient_size``), at most ``max_batch_size``. Until costs are known
+    it behaves as the fixed window."""
+
+    GAP_SMOOTHING = 0.1  # gaps between requests vary a lot: average over a few dozen
+
+    def __init__(self, max_batch_size: int, max_wait_s: float, costs: ForwardCosts):
+        super().__init__(max_batch_size, max_wait_s)
+        self.costs = costs
+        self._size = costs.efficient_size(max_batch_size) if costs.known else max_batch_size
+        self._gap: Optional[float] = None  # seconds between images, moving average
+        self._last_arrival: Optional[float] = None
+
+    def batch_size(self) -> int:
+        return self._size
+
+    def wait_s(self, batch: int, arriving: int, waited_s: float) -> float:
+        if not self.costs.known or self._gap is None:
+            return super().wait_s(batch, arriving, waited_s)
+        remaining = self.max_wait_s - waited_s
+        if arriving <= 0 or remaining < MIN_WAIT_S:
+            return 0.0
+        c, g, n = self.costs.seconds, self._gap, batch
+        compute_now = n * c(n) + max(0.0, c(n) - g) + c(1)
+        wait = (n + 1) * (g + c(n + 1)) - g
+        return min(remaining, max(g, MIN_WAIT_S)) if wait < compute_now else 0.0
+
+    def arrived(self, images: int, now: float, still_arriving: int) -> None:
+        # The gap is measured from an arrival after which more images were announced: the waits it
+        # prices are those with images on their way, not the pauses between bursts.
+        if self._last_arrival is not None and images > 0:
+            gap = (now - self._last_arrival) / images
+            self._gap = gap if self._gap is None else self._gap + self.GAP_SMOOTHING * (gap - self._gap)
+        self._last_arrival = now if still_arriving > 0 else None
+
+    def computed(self, batch: int, seconds: float) -> None:
+        self.costs.observe(batch, seconds)
+        self._size = self.costs.efficient_size(self.max_batch_size)
+
+
 @dataclass
 class JobResult:
     probs: Tensor  # (classes,)
@@ -73,10 +217,9 @@ class JobResult:
 
 
 class Batcher:
-    def __init__(self, forward: Forward, max_batch_size: int, max_wait_s: float, max_queue: int, metrics: Metrics):
+    def __init__(self, forward: Forward, policy: BatchPolicy, max_queue: int, metrics: Metrics, workers: int = 1):
         self._forward = forward
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
+        self.policy = policy
         self.max_queue = max_queue
         self._metrics = metrics
         self._queue: Deque[Job] = deque()
@@ -86,10 +229,12 @@ class Batcher:
         self._closed = False
         self._stopping = False
         self._arriving = 0  # images announced by requests still decoding them
-        self._thread = threading.Thread(target=self._run, name="halo-model", daemon=True)
+        self._threads = [threading.Thread(target=self._run, name=f"halo-model-{i}", daemon=True)
+                         for i in range(workers)]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
@@ -120,6 +265,7 @@ class Batcher:
                 raise QueueFullError(f"the queue holds {len(self._queue)} images (limit {self.max_queue})")
             self._pending += len(jobs)
             self._queue.extend(jobs)
+            self.policy.arrived(len(jobs), time.monotonic(), self._arriving)
         self._metrics.queue_depth.set(len(self._queue))
 
     def close(self) -> None:
@@ -127,12 +273,13 @@ class Batcher:
             self._closed = True
 
     def drain(self, timeout: Optional[float] = None) -> bool:
-        """After ``close``: wait until every accepted image is answered, then stop the model thread."""
+        """After ``close``: wait until every accepted image is answered, then stop the model workers."""
         with self._changed:
             done = self._changed.wait_for(lambda: self._pending == 0, timeout)
             self._stopping = True
             self._changed.notify_all()
-        self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
         return done
 
     def _next_batch(self) -> Optional[List[Job]]:
@@ -141,15 +288,16 @@ class Batcher:
             self._changed.wait_for(lambda: self._queue or self._stopping)
             if not self._queue:
                 return None
-            batch, until = [self._queue.popleft()], time.monotonic() + self.max_wait_s
-            while len(batch) < self.max_batch_size:
+            batch, started = [self._queue.popleft()], time.monotonic()
+            while len(batch) < self.policy.batch_size():
                 if self._queue:
                     batch.append(self._queue.popleft())
                     continue
-                remaining = until - time.monotonic()
-                if self._arriving <= 0 or self._stopping or remaining <= 0:
-                    break  # nothing on its way, or waited long enough
-                self._changed.wait(remaining)
+                wait = 0.0 if self._stopping else self.policy.wait_s(len(batch), self._arriving,
+                                                                     time.monotonic() - started)
+                if wait <= 0:
+                    break  # nothing on its way, or not worth waiting for
+                self._changed.wait(wait)
             return batch
 
     def _answer(self, job: Job, result: object) -> None:
@@ -197,6 +345,8 @@ class Batcher:
                 self._answer(job, error)
             return
         inference_s = time.monotonic() - started
+        with self._lock:
+            self.policy.computed(len(jobs), inference_s)
         self._metrics.batch_size.observe(len(jobs))
         self._metrics.inference.observe(inference_s)
         self._metrics.images.inc(len(jobs))

@@ -21,9 +21,20 @@ class Settings(BaseSettings):
     backend: Literal["auto", "fused", "cpp", "reference", "triton"] = Field(
         "auto", description="halo attention backend")
     threads: int = Field(
-        0, ge=0, description="torch CPU threads of the model; 0 = one per core but one (at least 1), so that the "
-                             "event loop and image decoding keep a core, or every core when a batch-1 forward "
-                             "takes over 20 ms at start (the model dominates)")
+        0, ge=0, description="torch CPU threads of each model worker; 0 = the cores but one (at least 1) shared "
+                             "among the workers, so that the event loop and image decoding keep a core, or one "
+                             "each when the model dominates (see model_workers)")
+    model_workers: int = Field(
+        0, ge=0, description="model threads, each forming and computing its own batches; 0 = one, or one per core "
+                             "when a batch-1 forward takes over 20 ms at start (the model dominates the request path)")
+    graph: Literal["auto", "traced", "eager"] = Field(
+        "auto", description="traced: the model as one TorchScript graph, whose forward does not take the GIL per "
+                            "op (checked bit for bit against the eager model at start); eager: plain PyTorch; "
+                            "auto: traced on CPU when the check passes, eager otherwise")
+    batch_policy: Literal["adaptive", "fixed"] = Field(
+        "adaptive", description="adaptive: wait for more images only while that lowers their expected latency (from "
+                                "the measured forward time per batch size and arrival gap), batches no larger than "
+                                "where images/s stops growing; fixed: wait up to max_wait_ms, up to max_batch_size")
     max_batch_size: int = Field(32, ge=1, description="most images in one forward pass")
     max_wait_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill once it has one image")
     max_queue: int = Field(512, ge=1, description="images waiting at most; beyond it requests get 503")

@@ -1,6 +1,7 @@
 """The model and what surrounds it, with no HTTP: decode + preprocess, batched forward, top-k, heatmaps."""
 import base64
 import hashlib
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -12,10 +13,12 @@ from torch import Tensor
 from model import HaloAttention, create_model, load_labels
 from model import heatmaps as heatmap_pictures
 from model.halonet import HaloNet, shipped_weights
-from model.inference import prepare_for_inference
+from model.inference import prepare_for_inference, trace_for_inference
 from model.transforms import build_transform, load_image
 
 from .config import Settings
+
+log = logging.getLogger("halo.engine")
 
 # What /predict accepts, as PIL names its formats.
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})  # MPO: multi-picture JPEG
@@ -40,22 +43,29 @@ def _file_digest(path: os.PathLike) -> str:
 
 # A model whose batch-1 forward takes longer than this on the threads below dominates the request
 # path (2-6 core-ms per image on the machines measured): it gets every core, as a core kept for the
-# requests would mostly idle. halonet26t takes 130-170 ms on 2 cores and served 11.2 images/s at 8
-# clients with both against 6.6 with one; the shipped model takes 1-7 ms and serves more with a
-# core left to the requests (docs/performance.md).
+# requests would mostly idle, and one worker per core, as independent single-thread forwards use
+# the cores better than one forward split over them: halonet26t on 2 cores gave 11.8 images/s from
+# two workers against 9.3-10.3 from one forward on two threads (batches 1-8). The shipped model
+# takes 1-7 ms and serves more with a core left to the requests (docs/performance.md).
 MODEL_BOUND_FORWARD_S = 0.02
 
 
-def default_model_threads(forward_s: Optional[float] = None) -> int:
-    """One torch thread per usable core but one, or every core once a batch-1 forward has been
-    timed at over MODEL_BOUND_FORWARD_S. The request path (event loop, parsing, decoding) runs
-    beside the model; when the model's threads take every core, each parallel op waits for a
-    descheduled thread: on 2 cores one thread served 17% more images/s at 32 clients with the
-    shipped model and halved p99 at 1 client (docs/performance.md)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if forward_s is not None and forward_s > MODEL_BOUND_FORWARD_S:
-        return cores
-    return max(1, cores - 1)
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_parallelism(model_bound: bool, workers: int = 0, threads: int = 0) -> Tuple[int, int]:
+    """(model workers, torch threads of each), where 0 in the settings means: choose. A model that
+    dominates gets one single-thread worker per core; otherwise one worker with every core but
+    one: when the model's threads take every core, each parallel op waits for a descheduled
+    thread (on 2 cores one thread served 17% more images/s at 32 clients with the shipped model
+    and halved p99 at 1 client, docs/performance.md). Given threads alone mean one worker."""
+    cores = usable_cores()
+    if not workers:
+        workers = cores if model_bound and not threads else 1
+    if not threads:
+        threads = max(1, (cores if model_bound else cores - 1) // workers)
+    return workers, threads
 
 
 class Engine:
@@ -63,7 +73,7 @@ class Engine:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.threads = settings.threads or default_model_threads()
+        self.workers, self.threads = default_parallelism(False, settings.model_workers, settings.threads)
         torch.set_num_threads(self.threads)
         self.device = resolve_device(settings.device)
         self.dtype = DTYPES[settings.dtype]
@@ -78,9 +88,12 @@ class Engine:
         self.labels = load_labels(self.cfg.label_set) if self.cfg.label_set else [
             str(i) for i in range(self.cfg.num_classes)]
         self.halo_layers = dict(self.model.halo_layers())
+        self.graph: Optional[torch.jit.ScriptModule] = None
         self.feature_sizes, self.attention_backends = self._trace_halo_layers()
-        if not settings.threads and self.device.type == "cpu":
-            self.threads = default_model_threads(self._batch_one_forward_seconds())
+        self.graph = self._build_graph()
+        if not (settings.threads and settings.model_workers) and self.device.type == "cpu":
+            model_bound = self._batch_one_forward_seconds() > MODEL_BOUND_FORWARD_S
+            self.workers, self.threads = default_parallelism(model_bound, settings.model_workers, settings.threads)
             torch.set_num_threads(self.threads)
         grids = {name: self._blocks(name) for name in self.halo_layers}
         multi_block = [name for name in self.halo_layers if grids[name][0] >= 2 and grids[name][1] >= 2]
@@ -100,6 +113,32 @@ class Engine:
         with self._watching(self.halo_layers, see):
             self.forward(torch.zeros(1, *self.cfg.input_size), [None])
         return sizes, sorted(backends)
+
+    def _build_graph(self) -> Optional[torch.jit.ScriptModule]:
+        """The model traced into one graph (``trace_for_inference``: a forward that does not take
+        the GIL per op) when HALO_GRAPH allows it and the graph's answers are the eager model's,
+        bit for bit, on a random batch; else None, and forwards run eagerly."""
+        mode = self.settings.graph
+        if mode == "eager" or (mode == "auto" and self.device.type != "cpu"):
+            return None
+        if "triton" in self.attention_backends:
+            if mode == "traced":
+                raise ValueError("HALO_GRAPH=traced cannot trace the triton attention backend (a kernel launched "
+                                 "from Python); use HALO_GRAPH=eager or HALO_BACKEND=fused")
+            return None
+        graph = trace_for_inference(self.model, self._model_input(torch.zeros(2, *self.cfg.input_size)))
+        check = self._model_input(torch.randn(3, *self.cfg.input_size, generator=torch.Generator().manual_seed(0)))
+        with torch.inference_mode():
+            same = torch.equal(graph(check), self.model(check))
+        if not same:
+            if mode == "traced":
+                raise ValueError("HALO_GRAPH=traced: the traced model's outputs differ from the eager model's")
+            log.warning("the traced model's outputs differ from the eager model's: forwards run eagerly")
+            return None
+        return graph
+
+    def _model_input(self, batch: Tensor) -> Tensor:
+        return batch.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
 
     @contextmanager
     def _watching(self, layers: Iterable[str], see: Callable[[str, HaloAttention, Tensor], None]) -> Iterator[None]:
@@ -136,7 +175,8 @@ class Engine:
     def forward(self, batch: Tensor, heatmap_layers: Sequence[Optional[str]]) -> Tuple[Tensor, List[Optional[Tensor]]]:
         """Class probabilities (B, classes) and, for each row that names a halo layer, that layer's
         per-block maps (blocks, win, win); None for the other rows. The maps come from the same
-        forward: the layer's input, for those rows only, through its map-returning path."""
+        forward: the layer's input, for those rows only, through its map-returning path. A batch
+        without maps runs the traced graph when there is one; one with maps runs eagerly (hooks)."""
         maps: List[Optional[Tensor]] = [None] * len(batch)
         rows_of: Dict[str, List[int]] = {}
         for row, layer in enumerate(heatmap_layers):
@@ -148,8 +188,10 @@ class Engine:
             for row, row_maps in zip(rows, layer.forward_with_maps(x[rows])[1].float().cpu()):
                 maps[row] = row_maps
 
+        x = self._model_input(batch)
+        if self.graph is not None and not rows_of:
+            return self.graph(x).float().softmax(-1).cpu(), maps
         with self._watching(rows_of, keep_maps):
-            x = batch.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
             probs = self.model(x).float().softmax(-1).cpu()
         return probs, maps
 
@@ -175,11 +217,18 @@ class Engine:
                 mosaic_png=base64.b64encode(heatmap_pictures.mosaic_png(maps, self._blocks(layer))).decode())
         return payload
 
-    def warmup(self) -> None:
-        """A forward pass at each power-of-two batch size up to the maximum, and one with heatmaps."""
-        size = 1
+    def warmup(self) -> Dict[int, float]:
+        """Two forward passes at each power-of-two batch size up to the maximum, and one with
+        heatmaps. Returns the seconds of the second pass by batch size (the first at a size is the
+        slower one: allocations, and the traced graph's profiling run), the batcher's first costs."""
+        seconds, size = {}, 1
         while size <= self.settings.max_batch_size:
-            self.forward(torch.zeros(size, *self.cfg.input_size), [None] * size)
+            batch = torch.zeros(size, *self.cfg.input_size)
+            self.forward(batch, [None] * size)
+            started = time.perf_counter()
+            self.forward(batch, [None] * size)
+            seconds[size] = time.perf_counter() - started
             size *= 2
         if self.default_heatmap_layer:
             self.forward(torch.zeros(1, *self.cfg.input_size), [self.default_heatmap_layer])
+        return seconds

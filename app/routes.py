@@ -50,8 +50,9 @@ async def model_info(request: Request) -> ModelInfo:
     return ModelInfo(
         name=engine.name, version=engine.version, classes=engine.labels, input_size=list(engine.cfg.input_size),
         parameters=engine.parameters, backend=settings.backend, attention_backends=engine.attention_backends,
-        device=str(engine.device), dtype=settings.dtype, threads=engine.threads, halo_layers=list(engine.halo_layers),
-        default_heatmap_layer=engine.default_heatmap_layer,
+        device=str(engine.device), dtype=settings.dtype, threads=engine.threads, model_workers=engine.workers,
+        graph="eager" if engine.graph is None else "traced", halo_layers=list(engine.halo_layers),
+        default_heatmap_layer=engine.default_heatmap_layer, batch_policy=settings.batch_policy,
         max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
 
 

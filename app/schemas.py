@@ -77,10 +77,13 @@ class ModelInfo(BaseModel):
                                                       "or what auto chose for this device and dtype")
     device: str
     dtype: str
-    threads: int = Field(description="torch CPU threads of the model")
+    threads: int = Field(description="torch CPU threads of each model worker")
+    model_workers: int = Field(description="model threads, each forming and computing its own batches")
+    graph: str = Field(description="traced (one TorchScript graph) or eager: what forwards without heatmaps run")
     halo_layers: List[str]
     default_heatmap_layer: Optional[str]
-    max_batch_size: int
+    batch_policy: str = Field(description="adaptive or fixed (HALO_BATCH_POLICY)")
+    max_batch_size: int = Field(description="the configured largest batch; the adaptive policy may form smaller ones")
     max_wait_ms: float
     max_queue: int
 

@@ -5,7 +5,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-from .batcher import Batcher
+from .batcher import AdaptiveWindow, Batcher, BatchPolicy, FixedWindow, ForwardCosts
 from .config import Settings
 from .engine import Engine
 from .errors import ServiceError
@@ -36,10 +36,9 @@ class Service:
     def _load(self) -> None:
         try:
             engine = Engine(self.settings)
-            if self.settings.warmup:
-                engine.warmup()
-            batcher = Batcher(engine.forward, self.settings.max_batch_size, self.settings.max_wait_ms / 1000,
-                              self.settings.max_queue, self.metrics)
+            costs = ForwardCosts(engine.warmup() if self.settings.warmup else {})
+            batcher = Batcher(engine.forward, self._policy(costs), self.settings.max_queue, self.metrics,
+                              workers=engine.workers)
             batcher.start()
             self.engine, self.batcher = engine, batcher
             self.pipeline = Pipeline(engine, batcher, self.preprocess_pool, self.settings)
@@ -50,6 +49,12 @@ class Service:
         except Exception as e:  # the process stays up and says why in /readyz
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("loading the model failed")
+
+    def _policy(self, costs: ForwardCosts) -> BatchPolicy:
+        s = self.settings
+        if s.batch_policy == "adaptive":
+            return AdaptiveWindow(s.max_batch_size, s.max_wait_ms / 1000, costs)
+        return FixedWindow(s.max_batch_size, s.max_wait_ms / 1000)
 
     @staticmethod
     def freeze_startup_heap() -> None:

@@ -1,9 +1,11 @@
 """This service against LitServe and a naive FastAPI endpoint, on the same Engine, in one run.
 
-All three serve the same model with the same torch threads (HALO_* variables apply to all) and the
-same maximum batch and window where they batch; one closed-loop client in a process of its own
-(benchmarks/closed_loop.py: one connection per simulated client, JSON base64 Fashion-MNIST PNGs,
-2 s warm-up, then the measured seconds) drives one server at a time, while the other two are frozen
+All serve the same model with the same torch threads (HALO_* variables apply to all) and the
+same maximum batch and window where they batch; this service runs twice, with its default batch
+policy and with HALO_BATCH_POLICY=fixed (which of the two is the better default). One closed-loop
+client in a process of its own (benchmarks/closed_loop.py: one connection per simulated client,
+JSON base64 Fashion-MNIST PNGs, 2 s warm-up, then the measured seconds) drives one server at a
+time, while the others are frozen
 (SIGSTOP: LitServe polls its queues when idle); servers and rounds alternate, so that the
 machine's noise hits all alike. Per server and level: images/s, p50/p95/p99, errors and the
 server's CPU per image (all its processes); then the raw model at batch 1 and at the mean batch
@@ -28,19 +30,21 @@ from app.config import Settings
 from benchmarks.server import ROOT, ServerProcess
 from benchmarks.service import raw_model_throughput
 
-SERVERS = ["halonet-serve", "litserve", "naive"]
+SERVERS = ["halonet-serve", "halonet-serve-fixed", "litserve", "naive"]  # -fixed: HALO_BATCH_POLICY=fixed
 
 
 def start_server(name: str, env: Dict[str, str]) -> ServerProcess:
     if name == "halonet-serve":
         return ServerProcess(env)
+    if name == "halonet-serve-fixed":
+        return ServerProcess({**env, "HALO_BATCH_POLICY": "fixed"})
     return ServerProcess(env, command=("benchmarks.peer_servers", name, "--port", "{port}"), ready_path="/health")
 
 
 def measure(name: str, server: ServerProcess, clients: int, seconds: float, warmup: float) -> Dict[str, float]:
     """One level against one thawed server, with the client in its own process."""
     counters = ("halo_batch_size_count", "halo_batch_size_sum")
-    batches = [server.metric(c) for c in counters] if name == "halonet-serve" else None
+    batches = [server.metric(c) for c in counters] if name.startswith("halonet-serve") else None
     client = subprocess.Popen([sys.executable, "-m", "benchmarks.closed_loop", "--url", server.url, "--clients",
                                str(clients), "--seconds", str(seconds), "--warmup", str(warmup)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -96,7 +100,7 @@ def summarize(rows: List[Dict]) -> List[Dict]:
                      for name, runs in level.items()}
             ours = means["halonet-serve"]
             entry = dict(model=model, concurrency=clients, means=means, p99_over_p50=ours["p99_ms"] / ours["p50_ms"])
-            for peer in ("litserve", "naive"):
+            for peer in ("halonet-serve-fixed", "litserve", "naive"):
                 entry[f"throughput_over_{peer}"] = ours["images_per_s"] / means[peer]["images_per_s"]
                 entry[f"p50_over_{peer}"] = ours["p50_ms"] / means[peer]["p50_ms"]
                 entry[f"p99_over_{peer}"] = ours["p99_ms"] / means[peer]["p99_ms"]
@@ -104,7 +108,9 @@ def summarize(rows: List[Dict]) -> List[Dict]:
             print(f"{model:<16} clients {clients:>3}: images/s x{entry['throughput_over_litserve']:.2f} LitServe, "
                   f"x{entry['throughput_over_naive']:.2f} naive; p50 x{entry['p50_over_litserve']:.2f} LitServe; "
                   f"p99 x{entry['p99_over_litserve']:.2f} LitServe, x{entry['p99_over_naive']:.2f} naive; "
-                  f"our p99/p50 {entry['p99_over_p50']:.2f}")
+                  f"our p99/p50 {entry['p99_over_p50']:.2f}; adaptive over fixed window: images/s "
+                  f"x{entry['throughput_over_halonet-serve-fixed']:.2f}, p50 x{entry['p50_over_halonet-serve-fixed']:.2f}, "
+                  f"p99 x{entry['p99_over_halonet-serve-fixed']:.2f}")
     return summary
 
 

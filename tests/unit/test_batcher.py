@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 import pytest
 import torch
 
-from app.batcher import (Batcher, ClientGoneError, DeadlineExceededError, Job, QueueFullError,
+from app.batcher import (Batcher, ClientGoneError, DeadlineExceededError, FixedWindow, Job, QueueFullError,
                          ShuttingDownError)
 from app.metrics import Metrics
 
@@ -30,7 +30,7 @@ class FakeModel:
 
 
 def make(model: FakeModel, max_batch_size: int = 4, max_wait_s: float = 0.05, max_queue: int = 100) -> Batcher:
-    batcher = Batcher(model, max_batch_size, max_wait_s, max_queue, Metrics())
+    batcher = Batcher(model, FixedWindow(max_batch_size, max_wait_s), max_queue, Metrics())
     batcher.start()
     return batcher
 
@@ -142,7 +142,7 @@ def test_a_failing_forward_fails_its_batch_and_the_thread_goes_on() -> None:
             raise RuntimeError("out of memory")
         return batch[:, 0], [None] * len(batch)
 
-    batcher = Batcher(flaky, 4, 0.0, 100, Metrics())
+    batcher = Batcher(flaky, FixedWindow(4, 0.0), 100, Metrics())
     batcher.start()
 
     async def main():

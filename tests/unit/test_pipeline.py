@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 import pytest
 import torch
 
-from app.batcher import Batcher
+from app.batcher import AdaptiveWindow, Batcher, FixedWindow, ForwardCosts
 from app.config import Settings
 from app.engine import Engine
 from app.errors import ServiceError
@@ -46,13 +46,15 @@ class FakeEngine:
         return dict(layer=layer, total=float(maps.sum()))
 
 
-@pytest.fixture
-def pipeline():
-    """A pipeline on the fake engine with a long batch window (5 s): waiting shows as seconds."""
+@pytest.fixture(params=["fixed", "adaptive"])
+def pipeline(request):
+    """A pipeline on the fake engine with a long batch window (5 s): waiting shows as seconds. The
+    adaptive policy's costs say that batching is nearly free: it would wait wherever waiting can pay."""
     settings = Settings(max_batch_size=8, max_wait_ms=5000, max_images_per_request=4)
     engine = FakeEngine()
-    batcher = Batcher(engine.forward, settings.max_batch_size, settings.max_wait_ms / 1000, settings.max_queue,
-                      Metrics())
+    policy = FixedWindow(settings.max_batch_size, 5.0) if request.param == "fixed" else AdaptiveWindow(
+        settings.max_batch_size, 5.0, ForwardCosts({n: 0.01 + 0.0001 * n for n in (1, 2, 4, 8)}))
+    batcher = Batcher(engine.forward, policy, settings.max_queue, Metrics())
     batcher.start()
     pool = ThreadPoolExecutor(2)
     yield Pipeline(engine, batcher, pool, settings)
@@ -85,6 +87,14 @@ def test_concurrent_requests_share_one_forward_and_get_their_own_answers(pipelin
 def test_a_lone_request_is_answered_without_waiting_for_company(pipeline) -> None:
     results = asyncio.run(predict(pipeline, [b"\x02"]))
     assert labels(results) == ["two"] and results[0]["timing"]["queue_ms"] < 50
+
+
+def test_one_client_in_a_loop_waits_under_a_millisecond_in_the_queue(pipeline) -> None:
+    async def client():
+        return [(await predict(pipeline, [b"\x01"]))[0]["timing"]["queue_ms"] for _ in range(30)]
+
+    waits = sorted(asyncio.run(client()))
+    assert waits[len(waits) // 2] < 1 and waits[-1] < 50  # the worst allows for a busy machine
 
 
 def test_an_undecodable_image_fails_its_request_alone_and_no_batch_waits_for_it(pipeline) -> None:
