@@ -7,13 +7,14 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import Settings
 from .errors import ServiceError, error_json
-from .routes import router
+from .routes import predict, router
 from .service import Service
 
 access_log = logging.getLogger("halo.access")
@@ -60,6 +61,43 @@ class RequestContextMiddleware:
                     "ms": round(elapsed * 1e3, 2), "client": client[0] if client else None}))
 
 
+class PredictShortPath:
+    """``POST /predict`` straight to its endpoint (routes.predict), past FastAPI's exception
+    middleware, router and request handler, which took a large share of the event loop's time per
+    request at 32 clients (py-spy, docs/performance.md): time the model's core then lost. The
+    endpoint, its error mapping (``error_response``) and the OpenAPI route stay the same; every
+    other request goes on to FastAPI. Sits inside RequestContextMiddleware (ids, metrics, logs)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/predict":
+            await self.app(scope, receive, send)
+            return
+        fastapi_app: FastAPI = scope["app"]
+        scope["route"] = fastapi_app.state.predict_route  # the metrics' route label
+        request = Request(scope, receive, send)
+        try:
+            response = await predict(request)
+        except Exception as error:
+            response = error_response(request, error)
+        await response(scope, receive, send)
+
+
+def error_response(request: Request, error: Exception) -> JSONResponse:
+    """Every failure as JSON {"error": {"code", "message"}}, with the status it stands for."""
+    if isinstance(error, ServiceError):
+        return error_json(error.status, error.code, error.message, error.retry_after)
+    if isinstance(error, RequestValidationError):
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+        return error_json(422, "invalid_request", message)
+    if isinstance(error, StarletteHTTPException):
+        return error_json(error.status_code, "http_error", str(error.detail))
+    logging.getLogger("halo.service").exception("unhandled error in %s", request.url.path)
+    return error_json(500, "internal_error", f"{type(error).__name__}: {error}")
+
+
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -75,24 +113,13 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                   description="Image classification with HaloNets: top-k labels and attention heatmaps, "
                               "dynamically batched.")
     app.include_router(router)
+    app.state.predict_route = next(r for r in router.routes if getattr(r, "path", None) == "/predict")
 
-    @app.exception_handler(ServiceError)
-    async def service_error(_: Request, error: ServiceError):
-        return error_json(error.status, error.code, error.message, error.retry_after)
+    async def handle(request: Request, error: Exception) -> JSONResponse:
+        return error_response(request, error)
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, error: RequestValidationError):
-        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-        return error_json(422, "invalid_request", message)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, error: StarletteHTTPException):
-        return error_json(error.status_code, "http_error", str(error.detail))
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, error: Exception):
-        logging.getLogger("halo.service").exception("unhandled error in %s", request.url.path)
-        return error_json(500, "internal_error", f"{type(error).__name__}: {error}")
-
+    for error_type in (ServiceError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(error_type, handle)
+    app.add_middleware(PredictShortPath)  # added first: inside the request context
     app.add_middleware(RequestContextMiddleware)
     return app

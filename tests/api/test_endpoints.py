@@ -73,3 +73,19 @@ def test_openapi_documents_predict(client) -> None:
     content = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(content)
     assert client.get("/docs").status_code == 200
+
+
+def test_an_unexpected_failure_of_predict_is_a_json_500_and_the_next_request_is_served(client, monkeypatch) -> None:
+    pipeline = client.app.state.service.pipeline
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "predict", broken)
+        response = client.post("/predict", files=[("file", ("a", image_bytes()))])
+    assert response.status_code == 500 and response.json()["error"] == {"code": "internal_error",
+                                                                         "message": "RuntimeError: a bug"}
+    assert response.headers["x-request-id"]
+    assert 'halo_requests_total{route="/predict",status="500"}' in client.get("/metrics").text
+    assert client.post("/predict", files=[("file", ("a", image_bytes()))]).status_code == 200
