@@ -31,10 +31,12 @@ class Settings(BaseSettings):
         "auto", description="traced: the model as one TorchScript graph, whose forward does not take the GIL per "
                             "op (checked bit for bit against the eager model at start); eager: plain PyTorch; "
                             "auto: traced on CPU when the check passes, eager otherwise")
-    batch_policy: Literal["adaptive", "fixed"] = Field(
-        "adaptive", description="adaptive: wait for more images only while that lowers their expected latency (from "
-                                "the measured forward time per batch size and arrival gap), batches no larger than "
-                                "where images/s stops growing; fixed: wait up to max_wait_ms, up to max_batch_size")
+    batch_policy: Literal["auto", "fixed", "adaptive"] = Field(
+        "auto", description="fixed: wait up to max_wait_ms for images on their way, up to max_batch_size; adaptive: "
+                            "wait for more images only while that lowers their expected latency (from the measured "
+                            "forward time per batch size and arrival gap), batches no larger than where images/s "
+                            "stops growing; auto: adaptive with several model workers, fixed with one (what served "
+                            "more images/s, docs/performance.md)")
     max_batch_size: int = Field(32, ge=1, description="most images in one forward pass")
     max_wait_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill once it has one image")
     max_queue: int = Field(512, ge=1, description="images waiting at most; beyond it requests get 503")

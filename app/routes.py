@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from .batcher import AdaptiveWindow
 from .errors import ServiceError
 from .schemas import ErrorResponse, JsonPredictRequest, ModelInfo, PredictOptions, PredictResponse
 from .service import Service
@@ -52,7 +53,8 @@ async def model_info(request: Request) -> ModelInfo:
         parameters=engine.parameters, backend=settings.backend, attention_backends=engine.attention_backends,
         device=str(engine.device), dtype=settings.dtype, threads=engine.threads, model_workers=engine.workers,
         graph="eager" if engine.graph is None else "traced", halo_layers=list(engine.halo_layers),
-        default_heatmap_layer=engine.default_heatmap_layer, batch_policy=settings.batch_policy,
+        default_heatmap_layer=engine.default_heatmap_layer,
+        batch_policy="adaptive" if isinstance(service.batcher.policy, AdaptiveWindow) else "fixed",
         max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
 
 

@@ -82,7 +82,7 @@ class ModelInfo(BaseModel):
     graph: str = Field(description="traced (one TorchScript graph) or eager: what forwards without heatmaps run")
     halo_layers: List[str]
     default_heatmap_layer: Optional[str]
-    batch_policy: str = Field(description="adaptive or fixed (HALO_BATCH_POLICY)")
+    batch_policy: str = Field(description="adaptive or fixed: what HALO_BATCH_POLICY (auto by default) chose")
     max_batch_size: int = Field(description="the configured largest batch; the adaptive policy may form smaller ones")
     max_wait_ms: float
     max_queue: int
