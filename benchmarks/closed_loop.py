@@ -9,6 +9,7 @@ of several servers gives each the same client (benchmarks/peers.py):
 import argparse
 import asyncio
 import base64
+import gc
 import io
 import json
 import time
@@ -34,6 +35,11 @@ async def drive(url: str, concurrency: int, seconds: float, images: List[bytes],
     in the last ``seconds``; latency and errors, the requests sent in them. Requests sent during
     the warm-up are left out: at 64 clients some of the connections' first requests came back
     seconds late, with every server alike, and set p99."""
+    # The client's own full garbage collections (of torch, loaded for the dataset, and httpx: 115-185
+    # ms, once per 12 s run at 32 clients) stalled every connection at once and set every server's
+    # p99 alike: what this process holds from before the run is moved out of the collector's sight.
+    gc.collect()
+    gc.freeze()
     done: List[Tuple[float, float, float, bool]] = []  # (sent at, answered at, latency, answered 200)
     measure_from = time.monotonic() + warmup
     stop_at = measure_from + seconds
