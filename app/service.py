@@ -37,8 +37,8 @@ class Service:
         try:
             engine = Engine(self.settings)
             costs = ForwardCosts(engine.warmup() if self.settings.warmup else {})
-            batcher = Batcher(engine.forward, self._policy(costs, engine.workers), self.settings.max_queue, self.metrics,
-                              workers=engine.workers)
+            policy = self._policy(costs, engine.workers)
+            batcher = Batcher(engine.forward, policy, self.settings.max_queue, self.metrics, workers=engine.workers)
             batcher.start()
             self.engine, self.batcher = engine, batcher
             self.pipeline = Pipeline(engine, batcher, self.preprocess_pool, self.settings)

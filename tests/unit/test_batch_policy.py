@@ -188,3 +188,16 @@ def test_without_measured_costs_the_adaptive_window_is_the_fixed_one() -> None:
     assert policy.batch_size() == 16
     assert policy.wait_s(1, arriving=3, waited_s=0.001) == pytest.approx(0.004)
     assert policy.wait_s(1, arriving=0, waited_s=0.0) == 0
+
+
+@pytest.mark.parametrize("setting, workers, expected", [
+    ("auto", 1, FixedWindow), ("auto", 2, AdaptiveWindow), ("fixed", 2, FixedWindow), ("adaptive", 1, AdaptiveWindow)])
+def test_the_service_takes_the_adaptive_window_by_default_only_for_several_workers(setting, workers, expected) -> None:
+    from app.config import Settings
+    from app.service import Service
+
+    service = Service(Settings(batch_policy=setting))
+    try:
+        assert type(service._policy(ForwardCosts({1: 0.01}), workers)) is expected
+    finally:
+        service.preprocess_pool.shutdown()
