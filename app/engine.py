@@ -217,17 +217,20 @@ class Engine:
                 mosaic_png=base64.b64encode(heatmap_pictures.mosaic_png(maps, self._blocks(layer))).decode())
         return payload
 
-    def warmup(self) -> Dict[int, float]:
-        """Two forward passes at each power-of-two batch size up to the maximum, and one with
-        heatmaps. Returns the seconds of the second pass by batch size (the first at a size is the
-        slower one: allocations, and the traced graph's profiling run), the batcher's first costs."""
-        seconds, size = {}, 1
+    def warmup(self, timed: bool = False) -> Dict[int, float]:
+        """A forward pass at each power-of-two batch size up to the maximum, and one with heatmaps.
+        ``timed``: a second pass at each size, whose seconds by batch size are returned (the first
+        at a size is the slower one: allocations, and the traced graph's profiling run), the
+        adaptive batcher's first costs; untimed, nothing is returned."""
+        seconds: Dict[int, float] = {}
+        size = 1
         while size <= self.settings.max_batch_size:
             batch = torch.zeros(size, *self.cfg.input_size)
             self.forward(batch, [None] * size)
-            started = time.perf_counter()
-            self.forward(batch, [None] * size)
-            seconds[size] = time.perf_counter() - started
+            if timed:
+                started = time.perf_counter()
+                self.forward(batch, [None] * size)
+                seconds[size] = time.perf_counter() - started
             size *= 2
         if self.default_heatmap_layer:
             self.forward(torch.zeros(1, *self.cfg.input_size), [self.default_heatmap_layer])

@@ -36,7 +36,8 @@ class Service:
     def _load(self) -> None:
         try:
             engine = Engine(self.settings)
-            costs = ForwardCosts(engine.warmup() if self.settings.warmup else {})
+            timed = self._adaptive(engine.workers)  # only the adaptive policy reads the warm-up's times
+            costs = ForwardCosts(engine.warmup(timed) if self.settings.warmup else {})
             policy = self._policy(costs, engine.workers)
             batcher = Batcher(engine.forward, policy, self.settings.max_queue, self.metrics, workers=engine.workers)
             batcher.start()
@@ -50,13 +51,16 @@ class Service:
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("loading the model failed")
 
-    def _policy(self, costs: ForwardCosts, workers: int) -> BatchPolicy:
+    def _adaptive(self, workers: int) -> bool:
         """auto: adaptive for several model workers, where a fixed window let one worker take every
         queued image into one long forward while another idled (halonet26t at 32 clients: 8.4
         images/s and p99 6.2 s, adaptive 11.0 and 3.0 s); fixed for one, where adaptive served
         x0.95 the images/s at 64 clients and was level elsewhere (docs/performance.md)."""
+        return self.settings.batch_policy == "adaptive" or (self.settings.batch_policy == "auto" and workers > 1)
+
+    def _policy(self, costs: ForwardCosts, workers: int) -> BatchPolicy:
         s = self.settings
-        if s.batch_policy == "adaptive" or (s.batch_policy == "auto" and workers > 1):
+        if self._adaptive(workers):
             return AdaptiveWindow(s.max_batch_size, s.max_wait_ms / 1000, costs)
         return FixedWindow(s.max_batch_size, s.max_wait_ms / 1000)
 
