@@ -14,7 +14,8 @@ from model import HaloAttention, create_model, load_labels
 from model import heatmaps as heatmap_pictures
 from model.halonet import HaloNet, shipped_weights
 from model.inference import prepare_for_inference, trace_for_inference
-from model.transforms import build_transform, load_image
+from model.decoding import load_image
+from model.transforms import build_transform, decode_min_side
 
 from .config import Settings
 
@@ -85,6 +86,7 @@ class Engine:
         self.model: HaloNet = prepare_for_inference(model, self.device, self.dtype, channels_last=True)
         self.cfg = self.model.pretrained_cfg
         self.transform = build_transform(self.cfg)
+        self.min_side = decode_min_side(self.cfg)  # a JPEG twice as large decodes at a reduced scale
         self.labels = load_labels(self.cfg.label_set) if self.cfg.label_set else [
             str(i) for i in range(self.cfg.num_classes)]
         self.halo_layers = dict(self.model.halo_layers())
@@ -167,8 +169,9 @@ class Engine:
         return h // block, w // block
 
     def decode(self, data: bytes) -> Tensor:
-        """Image file bytes -> preprocessed (C, H, W) tensor. Raises model.transforms' errors."""
-        image = load_image(data, max_pixels=self.settings.max_pixels, formats=ACCEPTED_FORMATS)
+        """Image file bytes -> preprocessed (C, H, W) tensor. Raises model.decoding's errors."""
+        image = load_image(data, max_pixels=self.settings.max_pixels, formats=ACCEPTED_FORMATS,
+                           min_side=self.min_side)
         return self.transform(image)
 
     @torch.inference_mode()

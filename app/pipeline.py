@@ -8,7 +8,7 @@ from typing import Callable, List, Optional
 
 from torch import Tensor
 
-from model.transforms import ImageDecodeError, ImageTooLargeError, UnsupportedImageFormatError
+from model.decoding import ImageDecodeError, ImageTooLargeError, UnsupportedImageFormatError
 
 from .batcher import Batcher, ClientGoneError, DeadlineExceededError, Job, QueueFullError, ShuttingDownError
 from .config import Settings

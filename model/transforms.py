@@ -1,72 +1,30 @@
-"""Image -> tensor, as each model's pretrained config says (the same as timm's eval transform).
-
-Decoding is strict and explicit: EXIF orientation is applied, transparent images are
-composited over white (a transparent PNG's hidden pixels are not what its viewer sees), and
-16-bit or float images are scaled to 8 bits rather than clipped.
+"""Decoded image -> tensor, as each model's pretrained config says (the same as timm's eval
+transform). Every PIL mode is converted explicitly: transparent images are composited over white
+(a transparent PNG's hidden pixels are not what its viewer sees), and 16-bit or float images are
+scaled to 8 bits rather than clipped. Decoding itself: model/decoding.py.
 """
-import io
+import functools
 import math
-from pathlib import Path
-from typing import Callable, Collection, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps
 from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms import functional as TF
 
 from . import fashion_mnist
+from .decoding import ImageSource, load_image
 from .halonet import PretrainedConfig
 
-ImageSource = Union[bytes, str, Path, Image.Image]
 INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
                   "nearest": InterpolationMode.NEAREST}
-
-
-class ImageDecodeError(ValueError):
-    """Bytes that are not an image PIL can decode."""
-
-
-class ImageTooLargeError(ValueError):
-    """An image with more pixels than allowed (refused from its header, before decoding)."""
-
-
-class UnsupportedImageFormatError(ValueError):
-    """A decodable image in a format the caller does not accept."""
-
-
-def load_image(source: ImageSource, max_pixels: Optional[int] = None,
-               formats: Optional[Collection[str]] = None) -> Image.Image:
-    """Open and fully decode an image (first frame of animations), upright per its EXIF orientation.
-
-    ``max_pixels`` is checked on the header, before any pixel is decoded (decompression bombs);
-    ``formats`` (PIL format names such as "PNG") restricts what is accepted.
-    """
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        try:
-            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        except Image.DecompressionBombError as e:
-            raise ImageTooLargeError(f"image refused before decoding: {e}") from e
-        except UnidentifiedImageError as e:
-            raise ImageDecodeError("cannot decode image: not an image file in a format PIL reads") from e
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ImageDecodeError(f"cannot decode image: {e}") from e
-        if formats is not None and image.format not in formats:
-            raise UnsupportedImageFormatError(
-                f"image format {image.format} is not accepted; send one of {', '.join(sorted(formats))}")
-        if max_pixels is not None and image.width * image.height > max_pixels:
-            raise ImageTooLargeError(
-                f"image of {image.width}x{image.height} pixels is over the limit of {max_pixels} pixels")
-        try:
-            image.load()
-        except Image.DecompressionBombError as e:
-            raise ImageTooLargeError(f"image refused before decoding: {e}") from e
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ImageDecodeError(f"cannot decode image: {e}") from e
-    return ImageOps.exif_transpose(image)
+PIL_RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+                  "nearest": Image.Resampling.NEAREST}
+# Resized, an image's longer side may be this many times the crop's before only the part the crop
+# keeps is computed (see _resize_for_crop): panoramas up to about 7.5:1 resize exactly as timm does.
+MAX_ELONGATION = 8
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -74,15 +32,27 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     array = np.asarray(image)
     if image.mode.startswith("I;16") or (image.mode == "I" and array.max(initial=0) > 255):
         array = np.clip(array.astype(np.float64), 0, 65535) / 257.0
-    elif image.mode == "F" and array.max(initial=0) <= 1.0:
-        array = array * 255.0
+    elif image.mode == "F":
+        # The range (0..1 or 0..255) is read from the finite values; NaN (no data) is black, infinities
+        # are the ends of the range.
+        if array[np.isfinite(array)].max(initial=0) <= 1.0:
+            array = array * 255.0
+        array = np.nan_to_num(array, nan=0.0, posinf=255.0, neginf=0.0)
     return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+
+
+@functools.lru_cache(maxsize=None)
+def _lab_to_srgb() -> ImageCms.ImageCmsTransform:
+    """CIELAB (TIFFs from Photoshop) to sRGB: Pillow's convert() has no such conversion, colour management does."""
+    return ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
 
 
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
     """Convert any PIL mode to RGB (channels=3) or L (channels=1), alpha composited over white."""
     if image.mode.startswith("I") or image.mode == "F":
         image = _to_8bit(image)
+    if image.mode == "LAB":
+        image = ImageCms.applyTransform(image, _lab_to_srgb())
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("LA", "La", "PA", "RGBa"):
@@ -101,15 +71,40 @@ def resize_size(cfg: PretrainedConfig) -> int:
 
 def eval_transform(cfg: PretrainedConfig) -> Callable[[Image.Image], Tensor]:
     """PIL image (any mode) -> normalized (C, H, W) float tensor: resize shorter side, center crop."""
-    resize = v2.Resize(resize_size(cfg), interpolation=INTERPOLATIONS[cfg.interpolation], antialias=True)
+    short, resample = resize_size(cfg), PIL_RESAMPLING[cfg.interpolation]
+    resize = v2.Resize(short, interpolation=INTERPOLATIONS[cfg.interpolation], antialias=True)
     crop = v2.CenterCrop(cfg.input_size[1:])
     mean, std = list(cfg.mean), list(cfg.std)
 
     def transform(image: Image.Image) -> Tensor:
-        image = crop(resize(to_mode(image, cfg.input_size[0])))
+        image = to_mode(image, cfg.input_size[0])
+        band = _resize_for_crop(image, short, cfg.input_size[1:], resample)
+        image = crop(resize(image) if band is None else band)
         return TF.normalize(TF.to_tensor(image), mean, std)
 
     return transform
+
+
+def _resize_for_crop(image: Image.Image, short: int, crop: Tuple[int, int],
+                     resample: Image.Resampling) -> Optional[Image.Image]:
+    """For an image so elongated that resizing its shorter side to ``short`` would make its longer
+    side over MAX_ELONGATION times the crop's (a 1x5000 PNG of a few kB would become 269x1,345,000
+    pixels, 1 GB): the central band of that resize which the center crop keeps, and only it.
+    Pillow's resize of a box of the source weighs the same source pixels as the whole resize, so the
+    band differs from the whole's only by rounding (a few levels of 255 in some pixels). None for
+    other images, resized whole."""
+    width, height = image.size
+    tall = width <= height  # torchvision's rule for which side is the shorter
+    long_side = int(short * max(width, height) / min(width, height))
+    crop_long = crop[0] if tall else crop[1]
+    if long_side <= MAX_ELONGATION * crop_long:
+        return None
+    scale = max(width, height) / long_side
+    start = round((long_side - crop_long) / 2)  # where the center crop starts, as torchvision rounds
+    band = (start * scale, (start + crop_long) * scale)
+    if tall:
+        return image.resize((short, crop_long), resample, box=(0, band[0], width, band[1]))
+    return image.resize((crop_long, short), resample, box=(band[0], 0, band[1], height))
 
 
 def fit_grayscale_transform(cfg: PretrainedConfig) -> Callable[[Image.Image], Tensor]:
@@ -119,7 +114,7 @@ def fit_grayscale_transform(cfg: PretrainedConfig) -> Callable[[Image.Image], Te
     its aspect ratio kept, centred on black. A 28x28 image is taken as already framed and passes
     through unchanged, so a Fashion-MNIST image saved as PNG gives exactly the tensor the model was
     trained on."""
-    side = cfg.input_size[1] - 2 * fashion_mnist.PAD
+    side = _frame_side(cfg)
 
     def transform(image: Image.Image) -> Tensor:
         gray = to_mode(image, 1)
@@ -140,6 +135,11 @@ def fit_grayscale_transform(cfg: PretrainedConfig) -> Callable[[Image.Image], Te
     return transform
 
 
+def _frame_side(cfg: PretrainedConfig) -> int:
+    """The side of the frame fit_grayscale fits objects into, inside the model input's black border."""
+    return cfg.input_size[1] - 2 * fashion_mnist.PAD
+
+
 def _crop_to_object(gray: Image.Image) -> Image.Image:
     """Crop a light-on-dark image to the box of pixels clearly brighter than its border (the whole
     image when nothing stands out)."""
@@ -158,6 +158,16 @@ TRANSFORMS = {"center_crop": eval_transform, "fit_grayscale": fit_grayscale_tran
 def build_transform(cfg: PretrainedConfig) -> Callable[[Image.Image], Tensor]:
     """The transform a model's config names: PIL image (any mode) -> normalized (C, H, W) tensor."""
     return TRANSFORMS[cfg.preprocess](cfg)
+
+
+def decode_min_side(cfg: PretrainedConfig) -> int:
+    """The shortest side a decoded image needs for the transform the config names: ``load_image``'s
+    ``min_side``. For center_crop, the side the image is resized to. fit_grayscale crops to the object
+    before fitting it into its frame: 8 times the frame, so that an object an eighth of the image across
+    is still shrunk into the frame, not enlarged (JPEGs decode at 1/8 scale at most anyway)."""
+    if cfg.preprocess == "center_crop":
+        return resize_size(cfg)
+    return 8 * _frame_side(cfg)
 
 
 def preprocess(images: Sequence[ImageSource], cfg: PretrainedConfig) -> Tensor:
@@ -183,6 +193,5 @@ def preprocess_tensor(batch: Tensor, cfg: PretrainedConfig) -> Tensor:
     return TF.normalize(batch, list(cfg.mean), list(cfg.std))
 
 
-__all__: List[str] = ["ImageDecodeError", "ImageTooLargeError", "UnsupportedImageFormatError", "load_image", "to_mode",
-                      "eval_transform", "fit_grayscale_transform", "build_transform", "preprocess", "preprocess_tensor",
-                      "resize_size"]
+__all__: List[str] = ["to_mode", "eval_transform", "fit_grayscale_transform", "build_transform", "preprocess",
+                      "preprocess_tensor", "resize_size", "decode_min_side"]

@@ -123,7 +123,8 @@ def test_bad_options_are_422(client, query: str, fragment: str) -> None:
 
 
 @pytest.mark.parametrize("files,status,code", [
-    ([b"not an image at all"], 400, "undecodable_image"),
+    ([bytes(range(256))], 400, "undecodable_image"),  # binary noise
+    ([b"not an image at all"], 415, "unsupported_image_format"),  # text: recognisably another kind
     ([b""], 400, "empty_image"),
     ([image_bytes("PNG")[:60]], 400, "undecodable_image"),
     ([image_bytes("ICO", size=(32, 32))], 415, "unsupported_image_format"),
@@ -143,7 +144,7 @@ def test_decompression_bomb_is_refused_from_its_header(client) -> None:
 
 
 def test_one_bad_image_fails_its_request_only(client) -> None:
-    response = client.post("/predict", files=_multipart(image_bytes(), b"garbage"))
+    response = client.post("/predict", files=_multipart(image_bytes(), b"\x00garbage\xff"))
     assert response.status_code == 400 and "image 1" in response.json()["error"]["message"]
     assert client.post("/predict", files=_multipart(image_bytes())).status_code == 200
 

@@ -15,7 +15,7 @@ from app.errors import ServiceError
 from app.metrics import Metrics
 from app.pipeline import Pipeline
 from app.schemas import PredictOptions
-from model.transforms import ImageDecodeError
+from model.decoding import ImageDecodeError
 
 LAYER = "stages.2.attn"
 

@@ -1,5 +1,8 @@
-"""Preprocessing: timm's eval transform on real photographs, EXIF, every PIL mode, batches, bad bytes."""
+"""Preprocessing: timm's eval transform on real photographs, EXIF, every PIL mode, batches, the
+decoding scale each transform needs. (Decoding itself: test_decoding.py.)"""
 import io
+import time
+import warnings
 
 import numpy as np
 import pytest
@@ -7,9 +10,12 @@ import skimage.data
 import timm
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import functional as TF
 
 from model import create_model
-from model.transforms import ImageDecodeError, eval_transform, load_image, preprocess, preprocess_tensor, to_mode
+from model.decoding import load_image
+from model.transforms import decode_min_side, eval_transform, preprocess, preprocess_tensor, resize_size, to_mode
 
 PHOTOS = {"astronaut": skimage.data.astronaut, "coffee": skimage.data.coffee, "chelsea": skimage.data.chelsea}
 
@@ -75,7 +81,7 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped() -> None:
     assert values == [0, 128, 255]
 
 
-@pytest.mark.parametrize("mode", ["1", "L", "CMYK", "YCbCr", "RGB"])
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "PA", "CMYK", "YCbCr", "LAB", "RGB"])
 def test_other_modes_convert(mode: str) -> None:
     image = Image.new(mode, (4, 4))
     assert to_mode(image, 3).mode == "RGB" and to_mode(image, 1).mode == "L"
@@ -89,9 +95,40 @@ def test_batch_of_mixed_sources(tmp_path) -> None:
     assert batch.shape == (3, 3, 256, 256) and batch.dtype == torch.float32
 
 
-def test_undecodable_bytes_are_a_clear_error() -> None:
-    with pytest.raises(ImageDecodeError, match="cannot decode image"):
-        load_image(b"definitely not an image")
-    with pytest.raises(ImageDecodeError):
-        noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-        load_image(_png(noise)[:500])  # a truncated PNG
+def test_decode_min_side_is_what_each_transform_needs() -> None:
+    assert decode_min_side(create_model("halonet26t").pretrained_cfg) == 269  # its resize: 256 / 0.95
+    assert decode_min_side(create_model("halonet_compact").pretrained_cfg) == 224  # 8 times its 28x28 frame
+
+
+def test_cielab_becomes_srgb() -> None:
+    lab = Image.new("LAB", (3, 1))
+    for x, value in enumerate([(255, 128, 128), (0, 128, 128), (138, 209, 198)]):  # white, black, red
+        lab.putpixel((x, 0), value)
+    buffer = io.BytesIO()
+    lab.save(buffer, format="TIFF")
+    rgb = to_mode(load_image(buffer.getvalue()), 3)
+    white, black, red = (np.array(rgb.getpixel((x, 0))) for x in range(3))
+    assert white.min() >= 250 and black.max() <= 5 and red[0] >= 240 and red[1:].max() <= 15
+
+
+def test_float_images_with_nan_and_infinities_scale_from_their_finite_values() -> None:
+    values = np.array([[np.nan, 0.0, 0.5, 1.0, np.inf, -np.inf]], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "invalid value encountered in cast"
+        gray = to_mode(Image.fromarray(values), 1)
+    assert [gray.getpixel((x, 0)) for x in range(6)] == [0, 0, 128, 255, 255, 0]
+    assert to_mode(Image.fromarray(np.full((2, 2), np.nan, np.float32)), 1).getextrema() == (0, 0)
+
+
+def test_elongated_images_resize_only_the_band_the_crop_keeps() -> None:
+    cfg = create_model("halonet26t").pretrained_cfg
+    transform = eval_transform(cfg)
+    started = time.perf_counter()
+    assert transform(Image.new("RGB", (1, 40_000))).shape == (3, 256, 256)  # not 269 x 10,760,000 pixels
+    assert time.perf_counter() - started < 1.0
+    resize = v2.Resize(resize_size(cfg), interpolation=InterpolationMode.BICUBIC, antialias=True)
+    crop = v2.CenterCrop(cfg.input_size[1:])
+    for size in [(20, 2000), (2000, 20), (64, 600)]:
+        image = Image.fromarray(skimage.data.astronaut()).resize(size)
+        whole = TF.normalize(TF.to_tensor(crop(resize(image))), list(cfg.mean), list(cfg.std))
+        assert (transform(image) - whole).abs().max().item() < 0.1  # a few levels of 255 in some pixels
