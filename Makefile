@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-dev serve test test-docker bench bench-gpu train evaluate loadtest
+.PHONY: install install-dev serve test test-docker bench bench-gpu train evaluate loadtest soak
 
 # Runtime dependencies only. The stamp makes re-runs instant until pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -59,3 +59,9 @@ LOADTEST_USERS ?= 16
 LOADTEST_DURATION ?= 60
 loadtest: install-dev
 	$(PY) -m benchmarks.loadtest --users $(LOADTEST_USERS) --duration $(LOADTEST_DURATION)
+
+# The service under mixed traffic for SOAK_DURATION seconds, watched for leaks, errors and latency drift
+# (rules: tests/reliability/soak.py); report in soak-report/, exit status 1 when a rule is broken.
+SOAK_DURATION ?= 1800
+soak: install-dev
+	$(PY) -m tests.reliability.soak --duration $(SOAK_DURATION) --report soak-report

@@ -1,15 +1,15 @@
-"""``python -m app [--host H] [--port P]``: serve the configured model with uvicorn."""
+"""``python -m app [--host H] [--port P]``: serve the configured model (app/server.py); the exit
+status says how it ended (0: a clean shutdown)."""
 import argparse
-import math
 import logging
-
-import uvicorn
+import sys
 
 from .config import Settings
 from .main import create_app
+from .server import serve
 
 
-def main() -> None:
+def main() -> int:
     settings = Settings()
     parser = argparse.ArgumentParser(description="HaloNet inference service (settings: HALO_* variables)")
     parser.add_argument("--host", default=settings.host, help="default: HALO_HOST or 0.0.0.0")
@@ -17,9 +17,8 @@ def main() -> None:
     args = parser.parse_args()
     settings = settings.model_copy(update=dict(host=args.host, port=args.port))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, timeout_graceful_shutdown=math.ceil(settings.drain_seconds))
+    return serve(settings, create_app(settings))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,7 +3,10 @@
 The policy, all of it here:
 
 - A request's images enter one bounded queue (``max_queue`` images); a request that would
-  overflow it is refused at once (``QueueFullError`` -> 503 with Retry-After).
+  overflow it is refused at once (``QueueFullError`` -> 503 with Retry-After). Before that,
+  ``expected_wait_s`` tells the pipeline how long a request's images would wait (the images ahead
+  of them over the measured forward costs), so that it refuses what would wait too long before
+  reading or decoding anything.
 - Each model worker (one thread; several when the model dominates, each with its own batch) takes
   the oldest image, then keeps taking: images already queued without waiting, so under load
   batches fill instantly, up to the policy's batch size. It waits only while more images are on
@@ -24,6 +27,7 @@ The policy, all of it here:
 - ``close`` refuses new work; ``drain`` then waits until every accepted image is answered.
 """
 import asyncio
+import math
 import threading
 import time
 from collections import deque
@@ -114,7 +118,10 @@ class ForwardCosts:
 
 
 class BatchPolicy(Protocol):
-    """How large a batch may grow and how long a worker waits for it; told what arrives and costs."""
+    """How large a batch may grow and how long a worker waits for it; told what arrives and what
+    forwards cost (``costs``, which admission reads too)."""
+
+    costs: ForwardCosts
 
     def batch_size(self) -> int: ...
 
@@ -135,10 +142,12 @@ MIN_WAIT_S = 1e-4  # a shorter wait costs about as much in the wake-up as it cou
 
 class FixedWindow:
     """Batches up to ``max_batch_size``, waiting up to ``max_wait_s`` after the first image for
-    images on their way (HALO_BATCH_POLICY=fixed)."""
+    images on their way (HALO_BATCH_POLICY=fixed). Keeps the forwards' costs all the same: the
+    admission of requests reads them."""
 
-    def __init__(self, max_batch_size: int, max_wait_s: float):
+    def __init__(self, max_batch_size: int, max_wait_s: float, costs: Optional[ForwardCosts] = None):
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
+        self.costs = costs if costs is not None else ForwardCosts()
 
     def batch_size(self) -> int:
         return self.max_batch_size
@@ -151,7 +160,7 @@ class FixedWindow:
         pass
 
     def computed(self, batch: int, seconds: float) -> None:
-        pass
+        self.costs.observe(batch, seconds)
 
 
 class AdaptiveWindow(FixedWindow):
@@ -174,8 +183,7 @@ class AdaptiveWindow(FixedWindow):
     GAP_SMOOTHING = 0.1  # gaps between requests vary a lot: average over a few dozen
 
     def __init__(self, max_batch_size: int, max_wait_s: float, costs: ForwardCosts):
-        super().__init__(max_batch_size, max_wait_s)
-        self.costs = costs
+        super().__init__(max_batch_size, max_wait_s, costs)
         self._size = costs.efficient_size(max_batch_size) if costs.known else max_batch_size
         self._gap: Optional[float] = None  # seconds between images, moving average
         self._last_arrival: Optional[float] = None
@@ -203,7 +211,7 @@ class AdaptiveWindow(FixedWindow):
         self._last_arrival = now if still_arriving > 0 else None
 
     def computed(self, batch: int, seconds: float) -> None:
-        self.costs.observe(batch, seconds)
+        super().computed(batch, seconds)
         self._size = self.costs.efficient_size(self.max_batch_size)
 
 
@@ -221,6 +229,7 @@ class Batcher:
         self._forward = forward
         self.policy = policy
         self.max_queue = max_queue
+        self.workers = workers
         self._metrics = metrics
         self._queue: Deque[Job] = deque()
         self._lock = threading.Lock()
@@ -239,6 +248,20 @@ class Batcher:
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    def expected_wait_s(self, images: int) -> float:
+        """How long ``images`` more would take to be answered, from the images ahead of them
+        (queued, computing, being decoded) and the measured forward costs, the model workers
+        sharing them out in batches of the policy's size; 0 while no cost is known."""
+        with self._lock:
+            ahead = self._pending + self._arriving + images
+            size = self.policy.batch_size()
+            costs = self.policy.costs
+            if not costs.known:
+                return 0.0
+            per_worker = math.ceil(ahead / self.workers)
+            batch = min(size, per_worker)
+            return math.ceil(per_worker / batch) * costs.seconds(batch)
 
     def expect(self, images: int) -> None:
         """Announce images that a request is decoding: the model thread may wait for them."""

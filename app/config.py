@@ -40,9 +40,33 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, description="most images in one forward pass")
     max_wait_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill once it has one image")
     max_queue: int = Field(512, ge=1, description="images waiting at most; beyond it requests get 503")
-    request_timeout_ms: float = Field(30000, gt=0, description="deadline of a request; images past it get 504")
+    max_queue_wait_ms: float = Field(
+        5000, gt=0, description="admission: a request whose images would wait longer than this for the model "
+                                "(images ahead of them / the measured images per second) is refused at once with "
+                                "503 and Retry-After, before its body is read or decoded")
+    request_timeout_ms: float = Field(
+        30000, gt=0, description="deadline of a request from its headers on: reading the body, decoding and "
+                                 "queueing; past it the answer is 408 (body still arriving) or 504")
+    header_timeout_s: float = Field(
+        10, gt=0, description="a connection's request headers must arrive in full within this time of it opening "
+                              "(or of the previous answer on it); else it is closed (with 408 if it had begun)")
+    body_timeout_s: float = Field(
+        10, gt=0, description="longest pause between two parts of a request body; then 408 (the whole body must "
+                              "also arrive within the request's deadline)")
+    keep_alive_s: float = Field(5, gt=0, description="an idle keep-alive connection is closed after this")
+    shutdown_grace_s: float = Field(
+        1, ge=0, description="after SIGTERM, how long the port stays open answering new requests 503 (with "
+                             "Connection: close) before it closes, so that a client connecting just then gets an "
+                             "answer instead of a reset; then the accepted requests are answered and it exits 0")
     max_body_bytes: int = Field(20 * 2 ** 20, ge=1, description="largest request body")
     max_pixels: int = Field(40_000_000, ge=1, description="largest image (width x height), checked before decoding")
+    max_request_pixels: int = Field(
+        100_000_000, ge=1, description="most pixels of all the images of one request (from their headers, before "
+                                       "decoding); beyond it 413")
+    max_decoding_pixels: int = Field(
+        120_000_000, ge=1, description="most pixels being decoded at once, all requests together: a request that "
+                                       "would go over it is refused with 503 and Retry-After, so that a few huge "
+                                       "images cannot hold the decoding threads and memory while small ones wait")
     max_images_per_request: int = Field(64, ge=1, description="most images in one request")
     preprocess_threads: int = Field(4, ge=1, description="threads that decode and preprocess images")
     warmup: bool = Field(True, description="run a forward pass at every batch size bucket before /readyz says ready")
@@ -57,5 +81,6 @@ class Settings(BaseSettings):
     @property
     def drain_seconds(self) -> float:
         """How long a graceful shutdown waits for accepted requests: their deadline and 5 s to answer.
-        A supervisor's grace period before SIGKILL (compose's stop_grace_period) must be longer."""
+        A supervisor's grace period before SIGKILL (compose's stop_grace_period) must be longer than
+        this and shutdown_grace_s together."""
         return self.request_timeout_ms / 1000 + 5

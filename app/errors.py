@@ -5,11 +5,19 @@ from fastapi.responses import JSONResponse
 
 
 class ServiceError(Exception):
-    def __init__(self, status: int, code: str, message: str, retry_after: Optional[int] = None):
+    """``close_connection``: the answer closes its connection (the rest of a body that stalled, a
+    server that stops)."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: Optional[int] = None,
+                 close_connection: bool = False):
         super().__init__(message)
         self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+        self.close_connection = close_connection
 
 
-def error_json(status: int, code: str, message: str, retry_after: Optional[int] = None) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
+def error_json(status: int, code: str, message: str, retry_after: Optional[int] = None,
+               close_connection: bool = False) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+    if close_connection:
+        headers["Connection"] = "close"
+    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers or None)

@@ -88,12 +88,14 @@ class PredictShortPath:
 def error_response(request: Request, error: Exception) -> JSONResponse:
     """Every failure as JSON {"error": {"code", "message"}}, with the status it stands for."""
     if isinstance(error, ServiceError):
-        return error_json(error.status, error.code, error.message, error.retry_after)
+        return error_json(error.status, error.code, error.message, error.retry_after, error.close_connection)
     if isinstance(error, RequestValidationError):
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
         return error_json(422, "invalid_request", message)
     if isinstance(error, StarletteHTTPException):
-        return error_json(error.status_code, "http_error", str(error.detail))
+        response = error_json(error.status_code, "http_error", str(error.detail))
+        response.headers.update(error.headers or {})  # what the status needs, such as a 405's Allow
+        return response
     logging.getLogger("halo.service").exception("unhandled error in %s", request.url.path)
     return error_json(500, "internal_error", f"{type(error).__name__}: {error}")
 

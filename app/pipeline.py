@@ -1,10 +1,15 @@
-"""A request's whole journey, from image bytes to answers, with no HTTP: check the options, decode
-and preprocess in the thread pool, submit all of its images or none, await them, then top-k and
-heatmap payloads. Every protocol the service speaks calls ``Pipeline.predict``; failures are
-``ServiceError`` (status, code, message), mapped to responses in one place (app/main.py)."""
+"""A request's whole journey, from image bytes to answers, with no HTTP: check the options, admit
+it (its expected wait, then its images' pixels from their headers), decode and preprocess in the
+thread pool, submit all of its images or none, await them, then top-k and heatmap payloads. Every
+protocol the service speaks calls ``Pipeline.predict``; failures are ``ServiceError`` (status,
+code, message), mapped to responses in one place (app/main.py)."""
 import asyncio
+import math
+import threading
+import time
 from concurrent.futures import Executor
-from typing import Callable, List, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional
 
 from torch import Tensor
 
@@ -12,14 +17,52 @@ from model.decoding import ImageDecodeError, ImageTooLargeError, UnsupportedImag
 
 from .batcher import Batcher, ClientGoneError, DeadlineExceededError, Job, QueueFullError, ShuttingDownError
 from .config import Settings
-from .engine import Engine
+from .engine import Engine, release_free_memory
 from .errors import ServiceError
 from .schemas import PredictOptions
+
+# After decoding more pixels than this in one request, free heap memory goes back to the system: a
+# few large images left the process 2 GB big after they were done.
+LARGE_DECODE_PIXELS = 4_000_000
+
+
+class DecodingBudget:
+    """Pixels being decoded at once, all requests together (HALO_MAX_DECODING_PIXELS): a request
+    whose images would go over it is refused, before it decodes anything, rather than queued behind
+    others' huge images; small requests almost always fit in what is left."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_use = limit, 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def reserve(self, pixels: int) -> Iterator[None]:
+        with self._lock:
+            if self.in_use and self.in_use + pixels > self.limit:
+                raise ServiceError(503, "overloaded", f"{self.in_use} pixels are being decoded; {pixels} more would "
+                                   f"go over HALO_MAX_DECODING_PIXELS={self.limit}", retry_after=1)
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_use -= pixels
 
 
 class Pipeline:
     def __init__(self, engine: Engine, batcher: Batcher, preprocess_pool: Executor, settings: Settings):
         self.engine, self.batcher, self.preprocess_pool, self.settings = engine, batcher, preprocess_pool, settings
+        self.decoding = DecodingBudget(settings.max_decoding_pixels)
+
+    def admit(self, images: int) -> None:
+        """Refuses (503, Retry-After) a request whose ``images`` would wait longer than
+        HALO_MAX_QUEUE_WAIT_MS for the model: under overload the queue then holds no more than the
+        model answers in that time, and a refusal costs microseconds, not a body read and a decode."""
+        wait_s, bound_s = self.batcher.expected_wait_s(images), self.settings.max_queue_wait_ms / 1000
+        if wait_s > bound_s:
+            raise ServiceError(503, "overloaded", f"the images ahead would take {wait_s:.2f} s to answer, over "
+                               f"HALO_MAX_QUEUE_WAIT_MS={self.settings.max_queue_wait_ms:g}",
+                               retry_after=max(1, math.ceil(wait_s - bound_s)))
 
     def check(self, images: int, options: PredictOptions) -> Optional[str]:
         """Checks what can be checked before decoding; the layer to take heatmaps from, if asked."""
@@ -42,10 +85,14 @@ class Pipeline:
         """One result per image, in order: ``predictions``, ``timing`` and, when asked, ``heatmaps``.
         ``deadline`` is a ``time.monotonic()``; ``client_gone`` says whether the asker left."""
         layer = self.check(len(files), options)
+        self.admit(len(files))
         loop = asyncio.get_running_loop()
         self.batcher.expect(len(files))  # the model thread may wait for these while they decode
         try:
             tensors = await loop.run_in_executor(self.preprocess_pool, self._decode_all, files)
+            if time.monotonic() > deadline:
+                raise ServiceError(504, "deadline_exceeded", "the request's deadline passed while its images were "
+                                   f"decoded (HALO_REQUEST_TIMEOUT_MS={self.settings.request_timeout_ms:g})")
         except BaseException:
             self.batcher.withdraw(len(files))
             raise
@@ -77,18 +124,29 @@ class Pipeline:
         return answers
 
     def _decode_all(self, files: List[bytes]) -> List[Tensor]:
-        """Decode and preprocess every image of a request (in the preprocessing pool)."""
-        tensors = []
-        for i, data in enumerate(files):
-            where = f"image {i}" if len(files) > 1 else "image"
-            if not data:
-                raise ServiceError(400, "empty_image", f"{where} is empty")
-            try:
-                tensors.append(self.engine.decode(data))
-            except ImageTooLargeError as e:
-                raise ServiceError(413, "image_too_large", f"{where}: {e}") from e
-            except UnsupportedImageFormatError as e:
-                raise ServiceError(415, "unsupported_image_format", f"{where}: {e}") from e
-            except ImageDecodeError as e:
-                raise ServiceError(400, "undecodable_image", f"{where}: {e}") from e
+        """Decode and preprocess every image of a request (in the preprocessing pool), once their
+        headers say that their pixels fit the limits."""
+        pixels = sum(self._image_step(files, i, self.engine.declared_pixels) for i in range(len(files)))
+        if pixels > self.settings.max_request_pixels:
+            raise ServiceError(413, "request_too_large", f"the images hold {pixels} pixels together, over "
+                               f"HALO_MAX_REQUEST_PIXELS={self.settings.max_request_pixels}")
+        with self.decoding.reserve(pixels):
+            tensors = [self._image_step(files, i, self.engine.decode) for i in range(len(files))]
+        if pixels > LARGE_DECODE_PIXELS:
+            release_free_memory()
         return tensors
+
+    def _image_step(self, files: List[bytes], i: int, step: Callable[[bytes], object]):
+        """``step`` on image ``i``, its failures as the service's errors, naming the image."""
+        where = f"image {i}" if len(files) > 1 else "image"
+        if not files[i]:
+            raise ServiceError(400, "empty_image", f"{where} is empty")
+        try:
+            return step(files[i])
+        except ImageTooLargeError as e:
+            raise ServiceError(413, "image_too_large", f"{where}: {e} (HALO_MAX_PIXELS="
+                               f"{self.settings.max_pixels})") from e
+        except UnsupportedImageFormatError as e:
+            raise ServiceError(415, "unsupported_image_format", f"{where}: {e}") from e
+        except ImageDecodeError as e:
+            raise ServiceError(400, "undecodable_image", f"{where}: {e}") from e

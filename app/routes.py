@@ -12,12 +12,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from .batcher import AdaptiveWindow
+from .config import Settings
 from .errors import ServiceError
 from .schemas import ErrorResponse, JsonPredictRequest, ModelInfo, PredictOptions, PredictResponse
 from .service import Service
 
 router = APIRouter()
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 503, 504)}
+# What /predict answers besides 200 (and a bug's 500); its 499, for a client that left, reaches no one.
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 408, 413, 415, 422, 503, 504)}
+# The options of a multipart request, which come in its query; a JSON body carries them itself.
+QUERY_OPTIONS = [{"name": name, "in": "query", "schema": schema,
+                  "description": f"multipart requests only: {PredictOptions.model_fields[name].description}"}
+                 for name, schema in (("top_k", {"type": "integer", "minimum": 1}), ("heatmaps", {"type": "boolean"}),
+                                      ("heatmap_format", {"type": "string", "enum": ["array", "png"]}),
+                                      ("heatmap_layer", {"type": "string"}))]
 
 
 def service_of(request: Request) -> Service:
@@ -37,7 +45,9 @@ async def readyz(request: Request) -> dict:
     return {"status": "ready"}
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(service_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -58,17 +68,34 @@ async def model_info(request: Request) -> ModelInfo:
         max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed ``limit``."""
+async def _read_body(request: Request, limit: int, deadline: float, pause_s: float) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed ``limit``, and with 408
+    when a part of it takes longer than ``pause_s`` to come or the request's ``deadline`` passes
+    first (a client that declares a large body and stalls, or sends it a byte a second, would
+    otherwise hold its connection and its memory until it gave up)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise ServiceError(413, "body_too_large", f"request body of {declared} bytes is over the limit of {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServiceError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+        raise ServiceError(413, "body_too_large", f"request body of {declared} bytes is over the limit of {limit}",
+                           close_connection=True)
+    chunks, size, loop = [], 0, asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(None) as timeout:
+            stream = request.stream().__aiter__()
+            while True:
+                timeout.reschedule(loop.time() + min(pause_s, deadline - time.monotonic()))
+                try:
+                    chunk = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise ServiceError(413, "body_too_large", f"request body is over the limit of {limit} bytes",
+                                       close_connection=True)
+                chunks.append(chunk)
+    except TimeoutError as e:
+        raise ServiceError(408, "body_timeout", f"the request body stopped arriving after {size} bytes (each part "
+                           f"must come within HALO_BODY_TIMEOUT_S={pause_s:g} s, the whole body within the "
+                           "request's deadline)", close_connection=True) from e
     body = b"".join(chunks)
     request._body = body  # let Starlette's form parser read the body we already have
     return body
@@ -85,17 +112,21 @@ def _validation_message(error: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors())
 
 
-async def _parse(request: Request, limit: int) -> Tuple[List[bytes], PredictOptions]:
+async def _parse(request: Request, settings: Settings, deadline: float) -> Tuple[List[bytes], PredictOptions]:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ("multipart/form-data", "application/json"):
         raise ServiceError(415, "unsupported_media_type", "send multipart/form-data (field 'file') or "
                            f"application/json, not {content_type or 'nothing'}")
-    body = await _read_body(request, limit)
+    limit = settings.max_body_bytes
+    body = await _read_body(request, limit, deadline, settings.body_timeout_s)
     if content_type == "application/json":
         try:
             parsed = JsonPredictRequest.model_validate_json(body)
         except ValidationError as e:
             raise ServiceError(422, "invalid_request", _validation_message(e)) from e
+        if request.query_params:  # documented for multipart requests: here they would be silently ignored
+            raise ServiceError(422, "invalid_options", "a JSON request carries its options in its body, not in "
+                               f"the query ({', '.join(request.query_params)})")
         files = []
         for i, encoded in enumerate(parsed.images):
             try:
@@ -127,9 +158,9 @@ async def _watch_disconnect(request: Request, gone: List[bool]) -> None:
 
 @router.post("/predict", response_model=PredictResponse, responses=ERROR_RESPONSES,
              summary="Classify images: top-k labels, optionally attention heatmaps",
-             openapi_extra={"requestBody": {"content": {
-                 "multipart/form-data": {"schema": {"type": "object", "properties": {
-                     "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+             openapi_extra={"parameters": QUERY_OPTIONS, "requestBody": {"required": True, "content": {
+                 "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                     "file": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}},
                  "application/json": {"schema": JsonPredictRequest.model_json_schema()}}}})
 async def predict(request: Request) -> JSONResponse:
     """Multipart: one or more `file` fields, options in the query (`?top_k=3&heatmaps=true`).
@@ -138,7 +169,8 @@ async def predict(request: Request) -> JSONResponse:
     settings = service.settings
     deadline = time.monotonic() + settings.request_timeout_ms / 1000
     pipeline = service.require_ready()
-    files, options = await _parse(request, settings.max_body_bytes)
+    pipeline.admit(1)  # the image count is not known yet: refuse now if even one would wait too long
+    files, options = await _parse(request, settings, deadline)
     gone = [False]
     watcher = asyncio.create_task(_watch_disconnect(request, gone))
     try:

@@ -1,7 +1,7 @@
 """Request and response models of the HTTP API (they also make the OpenAPI docs)."""
 from typing import List, Literal, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class PredictOptions(BaseModel):
@@ -12,9 +12,18 @@ class PredictOptions(BaseModel):
         None, description="module name of the halo attention layer; default: the last with at least 2x2 blocks")
 
 
+# A 28x28 red PNG: an example that the service really classifies when it is sent as is.
+EXAMPLE_PNG_BASE64 = ("iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAIAAAD9b0jDAAAAKElEQVR42mM8ISfHQG3AxEADMGroqKGjho4aOmroqKGjho4a"
+                      "OvgMBQB+BAE8FfyCFgAAAABJRU5ErkJggg==")
+
+
 class JsonPredictRequest(PredictOptions):
+    # JSON has types of its own: 0 is not false nor "3" a number, as the spec says (PredictOptions stays lax for the
+    # query of a multipart request, which is all text).
+    model_config = ConfigDict(strict=True)
+
     images: List[str] = Field(..., min_length=1, description="base64-encoded image files",
-                              json_schema_extra={"examples": [["iVBORw0KGgoAAAANSUhEUgAA..."]]})
+                              json_schema_extra={"examples": [[EXAMPLE_PNG_BASE64]]})
 
 
 class Prediction(BaseModel):

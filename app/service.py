@@ -5,6 +5,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+from model import CheckpointError
+
 from .batcher import AdaptiveWindow, Batcher, BatchPolicy, FixedWindow, ForwardCosts
 from .config import Settings
 from .engine import Engine
@@ -27,6 +29,8 @@ class Service:
         self.batcher: Optional[Batcher] = None
         self.pipeline: Optional[Pipeline] = None
         self.ready = False
+        self.stopping = False  # SIGTERM: no new work
+        self.drained = True  # False when a shutdown ran out of time with images unanswered
         self.load_error: Optional[str] = None
         self._loader = threading.Thread(target=self._load, name="halo-loader", daemon=True)
 
@@ -36,8 +40,7 @@ class Service:
     def _load(self) -> None:
         try:
             engine = Engine(self.settings)
-            timed = self._adaptive(engine.workers)  # only the adaptive policy reads the warm-up's times
-            costs = ForwardCosts(engine.warmup(timed) if self.settings.warmup else {})
+            costs = ForwardCosts(engine.warmup() if self.settings.warmup else {})
             policy = self._policy(costs, engine.workers)
             batcher = Batcher(engine.forward, policy, self.settings.max_queue, self.metrics, workers=engine.workers)
             batcher.start()
@@ -47,9 +50,12 @@ class Service:
             self.ready = True
             log.info("model %s (%s) ready on %s, halo attention: %s", engine.name, engine.version, engine.device,
                      ", ".join(engine.attention_backends) or "none")
-        except Exception as e:  # the process stays up and says why in /readyz
+        except Exception as e:  # /readyz says why; the server (app/server.py) then exits with status 1
             self.load_error = f"{type(e).__name__}: {e}"
-            log.exception("loading the model failed")
+            if isinstance(e, (CheckpointError, ValueError)):  # a bad file or setting: its message says it all
+                log.error("loading the model failed: %s", self.load_error)
+            else:
+                log.exception("loading the model failed")
 
     def _adaptive(self, workers: int) -> bool:
         """auto: adaptive for several model workers, where a fixed window let one worker take every
@@ -62,7 +68,7 @@ class Service:
         s = self.settings
         if self._adaptive(workers):
             return AdaptiveWindow(s.max_batch_size, s.max_wait_ms / 1000, costs)
-        return FixedWindow(s.max_batch_size, s.max_wait_ms / 1000)
+        return FixedWindow(s.max_batch_size, s.max_wait_ms / 1000, costs)
 
     @staticmethod
     def freeze_startup_heap() -> None:
@@ -78,7 +84,9 @@ class Service:
         return self.ready
 
     def not_ready_reason(self) -> str:
-        return f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
+        if self.load_error:
+            return f"model failed to load: {self.load_error}"
+        return "the service is shutting down" if self.stopping else "model is loading"
 
     def require_engine(self) -> Engine:
         if self.engine is None:
@@ -87,14 +95,22 @@ class Service:
 
     def require_ready(self) -> Pipeline:
         """The pipeline, while the service takes requests (loaded, warmed up, not shutting down)."""
+        if self.stopping:
+            raise ServiceError(503, "shutting_down", self.not_ready_reason(), retry_after=1, close_connection=True)
         if not self.ready or self.pipeline is None:
             raise ServiceError(503, "not_ready", self.not_ready_reason(), retry_after=1)
         return self.pipeline
 
+    def stop_accepting(self) -> None:
+        """New requests get 503 from now on (/readyz too: load balancers stop sending); accepted
+        ones go on."""
+        self.stopping = True
+        self.ready = False
+
     def shutdown(self) -> None:
         """Refuse new work, answer every accepted image, stop the threads."""
-        self.ready = False
+        self.stop_accepting()
         if self.batcher is not None:
             self.batcher.close()
-            self.batcher.drain(timeout=self.settings.drain_seconds)
+            self.drained = self.batcher.drain(timeout=self.settings.drain_seconds)
         self.preprocess_pool.shutdown(wait=True)

@@ -1,9 +1,11 @@
-"""Health, readiness, model info, metrics, request ids, OpenAPI."""
+"""Health, readiness, model info, metrics, request ids, errors, OpenAPI."""
+import base64
 import gc
 
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from app.schemas import PredictOptions
 
 from .conftest import image_bytes, make_settings
 
@@ -26,7 +28,8 @@ def test_not_ready_before_the_model_is_loaded(random_compact_checkpoint) -> None
         assert fresh.get("/readyz").status_code == 200
 
 
-def test_failed_load_keeps_the_process_up_and_says_why(tmp_path) -> None:
+def test_a_failed_load_is_said_in_readyz(tmp_path) -> None:
+    """In the app; the server process then exits 1 (tests/reliability/test_process_faults.py)."""
     app = create_app(make_settings(tmp_path / "missing.safetensors"))
     with TestClient(app) as broken:
         app.state.service.wait_until_loaded(60)
@@ -68,11 +71,71 @@ def test_unknown_route_is_json_404(client) -> None:
     assert response.status_code == 404 and response.json()["error"]["code"] == "http_error"
 
 
+def test_a_wrong_method_is_json_405_saying_which_methods_are_allowed(client) -> None:
+    for method, path, allowed in (("GET", "/predict", "POST"), ("POST", "/healthz", "GET"),
+                                  ("DELETE", "/v1/model", "GET")):
+        response = client.request(method, path)
+        assert response.status_code == 405 and response.headers["allow"] == allowed
+        assert response.json()["error"]["code"] == "http_error"
+
+
 def test_openapi_documents_predict(client) -> None:
     spec = client.get("/openapi.json").json()
     content = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(content)
     assert client.get("/docs").status_code == 200
+
+
+def test_openapi_requires_the_predict_body_and_at_least_one_file(client) -> None:
+    body = client.get("/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]
+    multipart = body["content"]["multipart/form-data"]["schema"]
+    assert body["required"] is True
+    assert multipart["required"] == ["file"] and multipart["properties"]["file"]["minItems"] == 1
+    assert body["content"]["application/json"]["schema"]["required"] == ["images"]
+
+
+def test_openapi_documents_the_query_options_of_a_multipart_predict(client) -> None:
+    parameters = client.get("/openapi.json").json()["paths"]["/predict"]["post"]["parameters"]
+    assert {p["name"] for p in parameters if p["in"] == "query"} == set(PredictOptions.model_fields)
+
+
+def test_openapi_json_example_is_an_image_the_service_classifies(client) -> None:
+    request_schema = client.get("/openapi.json").json()["paths"]["/predict"]["post"]["requestBody"]["content"]
+    example = request_schema["application/json"]["schema"]["properties"]["images"]["examples"][0]
+    response = client.post("/predict", json={"images": example})
+    assert response.status_code == 200 and len(response.json()["results"]) == 1
+
+
+def test_openapi_documents_metrics_as_the_text_it_is(client) -> None:
+    documented = client.get("/openapi.json").json()["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert set(documented) == {"text/plain"}
+    assert client.get("/metrics").headers["content-type"].startswith("text/plain")
+
+
+def test_openapi_documents_every_status_of_each_route_with_the_error_body_sent(client) -> None:
+    spec = client.get("/openapi.json").json()
+    documented = {path: {method: set(operation["responses"]) for method, operation in item.items()}
+                  for path, item in spec["paths"].items()}
+    assert documented == {
+        "/healthz": {"get": {"200"}}, "/readyz": {"get": {"200", "503"}}, "/metrics": {"get": {"200"}},
+        "/v1/model": {"get": {"200", "503"}},
+        "/predict": {"post": {"200", "400", "408", "413", "415", "422", "503", "504"}}}
+    for item in spec["paths"].values():
+        for operation in item.values():
+            for status, response in operation["responses"].items():
+                if status != "200":
+                    assert response["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/ErrorResponse"}
+    assert "HTTPValidationError" not in spec["components"]["schemas"]  # FastAPI's 422 body, which is never sent
+
+
+def test_json_options_are_typed_as_documented_and_query_options_are_read_from_text(client) -> None:
+    image = base64.b64encode(image_bytes()).decode()
+    for loose in ({"heatmaps": 0}, {"top_k": "3"}, {"heatmaps": "true"}):
+        response = client.post("/predict", json={"images": [image], **loose})
+        assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request", loose
+    multipart = client.post("/predict?top_k=3&heatmaps=false", files=[("file", ("a", image_bytes()))])
+    assert multipart.status_code == 200 and len(multipart.json()["results"][0]["predictions"]) == 3
 
 
 def test_an_unexpected_failure_of_predict_is_a_json_500_and_the_next_request_is_served(client, monkeypatch) -> None:

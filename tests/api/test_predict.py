@@ -141,6 +141,8 @@ def test_decompression_bomb_is_refused_from_its_header(client) -> None:
     assert len(bomb) < 200_000
     response = client.post("/predict", files=_multipart(bomb))
     assert response.status_code == 413 and response.json()["error"]["code"] == "image_too_large"
+    assert "20000x20000" in response.json()["error"]["message"]
+    assert "HALO_MAX_PIXELS=1000000" in response.json()["error"]["message"]  # the service's limit, not Pillow's
 
 
 def test_one_bad_image_fails_its_request_only(client) -> None:
@@ -175,3 +177,16 @@ def test_invalid_json_syntax_is_422(client) -> None:
 def test_multipart_without_files_is_422(client) -> None:
     response = client.post("/predict", data={"other": "x"}, files=[("unrelated", ("a", b"b"))])
     assert response.status_code == 422 and response.json()["error"]["code"] == "no_images"
+
+
+def test_options_in_the_query_of_a_json_request_are_422(client) -> None:
+    response = client.post("/predict?top_k=2", json={"images": [base64.b64encode(image_bytes()).decode()]})
+    assert response.status_code == 422 and "not in the query (top_k)" in response.json()["error"]["message"]
+
+
+def test_an_overloaded_service_refuses_before_reading_the_body(client, monkeypatch) -> None:
+    """The admission decides from the queue alone: this body would be a 422 if it were read."""
+    monkeypatch.setattr(client.app.state.service.batcher, "expected_wait_s", lambda images: 60.0)
+    response = client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 503 and response.json()["error"]["code"] == "overloaded"
+    assert int(response.headers["retry-after"]) == 55  # what the wait is over HALO_MAX_QUEUE_WAIT_MS (5 s)

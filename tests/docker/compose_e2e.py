@@ -18,10 +18,12 @@ the package index, and the phases below, each checked, each timed:
              a photo and a Fashion-MNIST PNG through the published port get the top-5 that the
              same model served on the host (`make serve`) gives; heatmaps; /metrics counts them
   loadtest   the loadtest profile, 15 s with 8 users against api: no failure, report on the host
+  crash      the api's process killed with SIGKILL (as an out-of-memory kill would): its restart
+             policy starts it again and /readyz answers 200 again
   scale      nginx in front of 3 replicas, the third added after nginx started: a burst of 150
              spreads over all three (their own /metrics); a replica killed mid-burst costs nothing
   stop       `docker-compose stop api` while 48 requests are queued or computing: each accepted
-             request is answered 200 and the service exits by itself before Docker's SIGKILL
+             request is answered 200 and the service exits by itself, status 0, before Docker's SIGKILL
   down       `down -v` leaves no container, network or volume of the project
 
 Not covered: the CUDA image (no GPU here) and Grafana (not in Debian; its provisioning is checked by
@@ -33,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -135,6 +138,7 @@ def in_namespace(archive: Path, wheels: Path, passed: int) -> int:
         phases.run("build", stack.build)
         phases.run("up", stack.up)
         phases.run("loadtest", stack.loadtest)
+        phases.run("crash", stack.crash)
         phases.run("scale", stack.scale)
         phases.run("stop", stack.stop)
         phases.run("down", stack.down)
@@ -155,6 +159,13 @@ def start_engine(dockerd: PrivateDockerd, archive: Path) -> str:
     dockerd.start()
     import_images(archive, dockerd.docker)
     return dockerd.docker("version", "--format", "dockerd {{.Server.Version}}").stdout.strip()
+
+
+def answers_200(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
@@ -279,6 +290,15 @@ class Stack:
         assert (report / "summary.md").is_file(), sorted(p.name for p in report.glob("*"))
         return f"{counts[1]} requests, 0 failures, report files: {len(list(report.iterdir()))}"
 
+    def crash(self) -> str:
+        container = self.containers("api")[0]
+        restarts = int(self.inspect(container, "{{.RestartCount}}"))
+        os.kill(int(self.inspect(container, "{{.State.Pid}}")), signal.SIGKILL)  # no shutdown, no drain
+        restarted = wait_until(lambda: int(self.inspect(container, "{{.RestartCount}}")) > restarts, 60,
+                               "api restarted by its policy")
+        ready = wait_until(lambda: answers_200(f"{API}/readyz"), 120, "/readyz 200 again")
+        return f"SIGKILL: restarted after {restarted:.1f} s, /readyz 200 {ready:.1f} s later"
+
     def scale(self) -> str:
         self.compose("--profile", "scale", "up", "-d", "--scale", "api-replica=2", timeout=300)
         wait_until(lambda: self.healthy("api-replica", 2) and self.healthy("lb"), 120, "2 replicas and nginx healthy")
@@ -317,11 +337,12 @@ class Stack:
         took = time.monotonic() - start
         outcomes = burst.join()
         answered = [o for o in outcomes if isinstance(o, int)]
-        # Refused connections were never accepted; any other transport error is a request lost.
-        assert set(outcomes) <= {200, "ConnectError"}, Burst.tally(outcomes)
+        # Refused connections were never accepted (503: refused during the shutdown's grace period);
+        # any other transport error is a request lost.
+        assert set(outcomes) <= {200, 503, "ConnectError"}, Burst.tally(outcomes)
         assert len(answered) >= queued, (queued, Burst.tally(outcomes))
         exit_code = self.inspect(container, "{{.State.ExitCode}}")
-        assert exit_code != "137", "Docker's SIGKILL ended the service before it drained"
+        assert exit_code == "0", f"exit code {exit_code} (137: Docker's SIGKILL ended it before it drained)"
         return (f"{len(answered)} of 48 answered 200 ({queued:.0f} queued at the stop), "
                 f"{48 - len(answered)} refused; stopped in {took:.1f} s, exit code {exit_code}")
 

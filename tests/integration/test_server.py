@@ -86,10 +86,17 @@ def test_full_queue_is_503_with_retry_after_and_the_server_recovers(start_server
     assert post_all(server.url, [photo.getvalue()], query="top_k=1")[0].status_code == 200
 
 
-def test_expired_requests_are_504(start_server, random_compact_checkpoint):
-    server = start_server(HALO_CHECKPOINT=str(random_compact_checkpoint), HALO_REQUEST_TIMEOUT_MS="0.001")
-    response = post_all(server.url, distinct_images(1))[0]
-    assert response.status_code == 504 and response.json()["error"]["code"] == "deadline_exceeded"
+def test_requests_whose_deadline_passes_in_the_queue_are_504(start_server):
+    """A model slow on this CPU, one image per forward, a deadline shorter than three forwards:
+    of eight requests at once, those still queued at their deadline are dropped unseen."""
+    server = start_server(HALO_MODEL="halonet26t", HALO_MAX_BATCH_SIZE="1", HALO_MODEL_WORKERS="1",
+                          HALO_WARMUP="false", HALO_REQUEST_TIMEOUT_MS="400")
+    photo = io.BytesIO()
+    Image.new("RGB", (256, 256), (30, 60, 90)).save(photo, format="PNG")
+    responses = post_all(server.url, [photo.getvalue()] * 8, query="top_k=1")
+    late = [r for r in responses if r.status_code == 504]
+    assert late and all(r.json()["error"]["code"] == "deadline_exceeded" for r in late)
+    assert {r.status_code for r in responses} <= {200, 504}
     assert server.metric('halo_images_dropped_total{reason="deadline"}') >= 1
 
 
@@ -103,7 +110,7 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(start_server):
         try:
             outcomes.append(httpx.post(f"{server.url}/predict", files=[("file", ("x.png", photo.getvalue()))],
                                        timeout=60).status_code)
-        except httpx.TransportError as error:  # sent after the listener closed: never accepted
+        except httpx.TransportError as error:  # sent after the port closed: never accepted
             outcomes.append(type(error).__name__)
 
     threads = [threading.Thread(target=send) for _ in range(16)]
@@ -116,8 +123,8 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(start_server):
     server.process.send_signal(signal.SIGTERM)
     for thread in threads:
         thread.join()
-    accepted = [o for o in outcomes if isinstance(o, int)]
-    assert accepted and all(status == 200 for status in accepted), outcomes
+    accepted = [o for o in outcomes if o == 200]
+    # Sent after the signal: 503 during the grace period (HALO_SHUTDOWN_GRACE_S), refused after it.
+    assert set(outcomes) <= {200, 503, "ConnectError"}, outcomes
     assert len(accepted) >= 5  # at least those queued at the signal, and the one computing
-    # uvicorn exits after the graceful shutdown by re-raising the signal it caught.
-    assert server.process.wait(30) in (0, -signal.SIGTERM)
+    assert server.process.wait(30) == 0  # a clean drain is a clean exit

@@ -65,8 +65,7 @@ def test_rows_with_heatmaps_get_the_eager_maps_and_the_others_the_graphs_answers
     assert maps[0] is None and maps[2] is None
 
 
-def test_only_a_timed_warm_up_returns_the_seconds_of_each_batch_size(traced_and_eager) -> None:
+def test_the_warm_up_returns_the_seconds_of_each_batch_size(traced_and_eager) -> None:
     traced, _ = traced_and_eager
-    seconds = traced.warmup(timed=True)
+    seconds = traced.warmup()
     assert sorted(seconds) == [1, 2, 4, 8, 16, 32] and all(s > 0 for s in seconds.values())
-    assert traced.warmup() == {}

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 import pytest
 import torch
 
-from app.batcher import AdaptiveWindow, Batcher, FixedWindow, ForwardCosts
+from app.batcher import AdaptiveWindow, Batcher, FixedWindow, ForwardCosts, Job
 from app.config import Settings
 from app.engine import Engine
 from app.errors import ServiceError
@@ -31,6 +31,9 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.forwards: List[List[Optional[str]]] = []
+
+    def declared_pixels(self, data: bytes) -> int:
+        return 1
 
     def decode(self, data: bytes) -> torch.Tensor:
         if data == b"bad":
@@ -129,3 +132,91 @@ def test_requests_the_model_cannot_answer_are_refused_before_decoding(pipeline, 
         asyncio.run(predict(pipeline, files, **options))
     assert (refused.value.status, refused.value.code) == (status, code)
     assert pipeline.batcher.depth == 0 and pipeline.engine.forwards == []
+
+
+def test_a_failing_heatmap_fails_its_own_request_only(pipeline, monkeypatch) -> None:
+    def heatmaps(inputs: torch.Tensor, maps: torch.Tensor, layer: str, fmt: str) -> dict:
+        raise RuntimeError("poisoned heatmap")
+
+    monkeypatch.setattr(pipeline.engine, "heatmaps", heatmaps)
+
+    async def main():
+        return await asyncio.gather(predict(pipeline, [b"\x01"], heatmaps=True), predict(pipeline, [b"\x02"]),
+                                    return_exceptions=True)
+
+    poisoned, fine = asyncio.run(main())
+    assert isinstance(poisoned, RuntimeError) and labels(fine) == ["two"]
+    assert sorted(pipeline.engine.forwards[0], key=str) == [None, LAYER]  # both were in the same batch
+
+
+class CountingEngine(FakeEngine):
+    """Says an image has as many pixels as bytes; counts what it decodes, slowly when asked."""
+
+    def __init__(self, decode_s: float = 0.0) -> None:
+        super().__init__()
+        self.decoded, self.decode_s = 0, decode_s
+
+    def declared_pixels(self, data: bytes) -> int:
+        return len(data)
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        self.decoded += 1
+        time.sleep(self.decode_s)
+        return super().decode(data)
+
+
+def idle_pipeline(engine: FakeEngine, **settings) -> Pipeline:
+    """A pipeline whose model workers never start: what is submitted stays queued."""
+    settings = Settings(max_batch_size=4, max_images_per_request=4, **settings)
+    policy = FixedWindow(4, 0.0, ForwardCosts({1: 0.1, 4: 0.2}))
+    return Pipeline(engine, Batcher(engine.forward, policy, 512, Metrics()), ThreadPoolExecutor(2), settings)
+
+
+def test_a_request_that_would_wait_too_long_is_refused_before_it_is_decoded() -> None:
+    """Four images take 0.2 s per forward: with a 1 s bound, 20 images ahead are what fits."""
+    engine = CountingEngine()
+    pipeline = idle_pipeline(engine, max_queue_wait_ms=1000)
+
+    async def main():
+        for _ in range(5):
+            pipeline.batcher.submit([Job(torch.zeros(2), None, time.monotonic() + 60, asyncio.get_running_loop(),
+                                         asyncio.get_running_loop().create_future()) for _ in range(4)])
+        with pytest.raises(ServiceError) as refused:
+            await predict(pipeline, [b"\x01"])
+        return refused.value
+
+    refused = asyncio.run(main())
+    assert (refused.status, refused.code, refused.retry_after) == (503, "overloaded", 1)
+    assert "HALO_MAX_QUEUE_WAIT_MS=1000" in refused.message and engine.decoded == 0
+    assert pipeline.batcher.expected_wait_s(0) == pytest.approx(1.0)
+
+
+def test_pixels_are_counted_from_headers_before_decoding() -> None:
+    engine = CountingEngine(decode_s=0.3)
+    pipeline = idle_pipeline(engine, max_request_pixels=100, max_decoding_pixels=150)
+
+    async def main():
+        with pytest.raises(ServiceError) as too_large:
+            await predict(pipeline, [b"\x01" * 60, b"\x01" * 60])
+        slow = asyncio.create_task(predict(pipeline, [b"\x01" * 90]))
+        await asyncio.sleep(0.1)  # decoding: 90 of the 150 pixels in use
+        with pytest.raises(ServiceError) as over_budget:
+            await predict(pipeline, [b"\x01" * 61])
+        slow.cancel()
+        return too_large.value, over_budget.value
+
+    too_large, over_budget = asyncio.run(main())
+    pipeline.preprocess_pool.shutdown(wait=True)  # the cancelled request's decoding ends on its own
+    assert (too_large.status, too_large.code) == (413, "request_too_large")
+    assert (over_budget.status, over_budget.code) == (503, "overloaded")
+    assert "HALO_MAX_DECODING_PIXELS=150" in over_budget.message
+    assert engine.decoded == 1 and pipeline.decoding.in_use == 0
+
+
+def test_a_deadline_that_passes_while_decoding_is_504_and_says_so() -> None:
+    pipeline = idle_pipeline(CountingEngine(decode_s=0.2))
+    with pytest.raises(ServiceError) as late:
+        asyncio.run(pipeline.predict([b"\x01"], PredictOptions(), time.monotonic() + 0.1))
+    assert (late.value.status, late.value.code) == (504, "deadline_exceeded")
+    assert "while its images were decoded" in late.value.message
+    assert pipeline.batcher.depth == 0
