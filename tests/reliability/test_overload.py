@@ -4,8 +4,9 @@ answers every request with its own result, and is back to normal latency soon af
 
 A model that dominates on this CPU (halonet26t, random weights, two single-thread workers), so
 that a client in this process can offer several times what the server can do. Capacity: images/s
-of a closed loop of 4 clients (enough to keep both workers busy). Overload: Poisson arrivals at 2x
-and 4x that, each on a connection of a pool, for HALO_OVERLOAD_SECONDS (60 by default)."""
+of a closed loop of 4 clients (enough to keep both workers busy), before, between and after the
+overloads. Overload: Poisson arrivals at 2x and 4x the first, each on a connection of a pool, for
+HALO_OVERLOAD_SECONDS (60 by default)."""
 import asyncio
 import io
 import json
@@ -142,7 +143,7 @@ async def expected_answers(http: RawClient, bodies: List[bytes]) -> Tuple[Dict[i
     return expected, statistics.median(alone)
 
 
-async def capacity(http: RawClient, bodies: List[bytes], seconds: float = 15.0) -> float:
+async def capacity(http: RawClient, bodies: List[bytes], seconds: float = 12.0) -> float:
     """Images/s of 4 clients in a closed loop (after 3 s to settle)."""
     done, measure_from = [], time.monotonic() + 3
     until = measure_from + seconds
@@ -215,31 +216,36 @@ def test_overload_is_shed_and_what_is_accepted_is_answered_in_time_and_right(sta
         bodies = [http.multipart(body) for body in photos()]
         try:
             expected, alone_s = await expected_answers(http, bodies)
-            peak = await capacity(http, bodies)
-            rows = []
+            # Capacity is measured before and after each overload, alternating (this machine is
+            # noisy): each overload's goodput is set against the mean of its two neighbours.
+            capacities, rows = [await capacity(http, bodies)], []
             for factor in (2, 4):
-                tally = await overload(http, bodies, factor * peak, OVERLOAD_S, expected)
-                rows.append((factor, tally, await recovery_s(http, bodies[0], alone_s)))
-            return expected, alone_s, peak, rows
+                tally = await overload(http, bodies, factor * capacities[0], OVERLOAD_S, expected)
+                recovered_s = await recovery_s(http, bodies[0], alone_s)
+                capacities.append(await capacity(http, bodies))
+                rows.append((factor, tally, recovered_s, statistics.mean(capacities[-2:])))
+            return expected, alone_s, capacities, rows
         finally:
             http.close()
 
-    expected, alone_s, peak, rows = asyncio.run(main())
-    report = [f"\ncapacity {peak:.1f} images/s (4 clients, closed loop); one request alone {alone_s * 1e3:.0f} ms; "
-              f"{len(expected)} of 8 images with a clear top-1"]
+    expected, alone_s, capacities, rows = asyncio.run(main())
+    report = [f"\ncapacity {', '.join(f'{c:.1f}' for c in capacities)} images/s (4 clients, closed loop, before, "
+              f"between and after); one request alone {alone_s * 1e3:.0f} ms; {len(expected)} of 8 images with a "
+              "clear top-1"]
     checks = []
-    for factor, tally, recovered_s in rows:
+    for factor, tally, recovered_s, peak in rows:
         sent = sum(tally.statuses.values())
         goodput = sum(1 for latency in tally.answered if latency <= DEADLINE_S) / OVERLOAD_S
         p99 = statistics.quantiles(tally.answered, n=100)[98] if len(tally.answered) > 1 else float("inf")
-        report.append(f"{factor}x ({factor * peak:.1f}/s for {OVERLOAD_S:.0f} s): {sent} requests {tally.statuses}; "
-                      f"goodput {goodput:.1f}/s ({goodput / peak:.0%} of capacity), accepted p99 {p99:.2f} s, "
-                      f"wrong answers {tally.wrong}, back to normal {recovered_s:.1f} s after")
-        checks.append((tally, goodput, p99, recovered_s))
+        report.append(f"{factor}x ({factor * capacities[0]:.1f}/s for {OVERLOAD_S:.0f} s): {sent} requests "
+                      f"{tally.statuses}; goodput {goodput:.1f}/s ({goodput / peak:.0%} of the capacity around it), "
+                      f"accepted p99 {p99:.2f} s, wrong answers {tally.wrong}, back to normal {recovered_s:.1f} s "
+                      "after")
+        checks.append((tally, goodput, peak, p99, recovered_s))
     with capsys.disabled():  # the figures, in the run's output
         print("\n".join(report))
     assert len(expected) >= 4, "too few images with a clear top-1 to check answers against"
-    for tally, goodput, p99, recovered_s in checks:
+    for tally, goodput, peak, p99, recovered_s in checks:
         assert set(tally.statuses) <= {"200", "503", "504"}, tally.statuses
         assert tally.statuses.get("503", 0) > 0 and tally.shed_without_retry_after == 0
         assert tally.wrong == 0
