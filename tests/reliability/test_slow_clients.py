@@ -41,58 +41,45 @@ async def until_closed(reader: asyncio.StreamReader, within_s: float) -> Tuple[f
     return time.monotonic() - started, received
 
 
-async def slowloris(port: int) -> Tuple[float, bytes]:
+async def hold(port: int, opening: bytes, drip: bytes = b"", every_s: float = 0.0,
+               within_s: float = 10.0) -> Tuple[float, bytes]:
+    """Sends ``opening``, then ``drip`` every ``every_s`` (nothing when it is empty) until the
+    server closes the connection: the seconds that took, and what the server sent."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(opening)
+
+    async def trickle() -> None:
+        try:
+            while drip:
+                await asyncio.sleep(every_s)
+                writer.write(drip)
+                await writer.drain()
+        except (ConnectionError, RuntimeError):
+            return
+
+    dripping = asyncio.create_task(trickle())
+    try:
+        return await until_closed(reader, within_s)
+    finally:
+        dripping.cancel()
+        writer.close()
+
+
+def slowloris(port: int):
     """Request headers a byte every half second, never finished."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
-
-    async def trickle() -> None:
-        try:
-            while True:
-                await asyncio.sleep(0.5)
-                writer.write(b"X")
-                await writer.drain()
-        except (ConnectionError, RuntimeError):
-            return
-
-    dripping = asyncio.create_task(trickle())
-    try:
-        return await until_closed(reader, HEADER_TIMEOUT_S + SLACK_S + 5)
-    finally:
-        dripping.cancel()
-        writer.close()
+    return hold(port, b"POST /predict HTTP/1.1\r\nHost: x\r\n", b"X", 0.5, HEADER_TIMEOUT_S + SLACK_S + 5)
 
 
-async def silent(port: int) -> Tuple[float, bytes]:
+def silent(port: int):
     """Connects and sends nothing."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        return await until_closed(reader, HEADER_TIMEOUT_S + SLACK_S + 5)
-    finally:
-        writer.close()
+    return hold(port, b"", within_s=HEADER_TIMEOUT_S + SLACK_S + 5)
 
 
-async def stalled_body(port: int, declared: int, sent: bytes, then_trickle: bool) -> Tuple[float, bytes]:
+def stalled_body(port: int, declared: int, sent: bytes, then_trickle: bool):
     """Headers declaring ``declared`` body bytes, ``sent`` of them, then silence or a byte every 0.3 s."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n" % declared + sent)
-
-    async def trickle() -> None:
-        try:
-            while then_trickle:
-                await asyncio.sleep(0.3)
-                writer.write(b" ")
-                await writer.drain()
-        except (ConnectionError, RuntimeError):
-            return
-
-    dripping = asyncio.create_task(trickle())
-    try:
-        return await until_closed(reader, REQUEST_TIMEOUT_S + SLACK_S + 5)
-    finally:
-        dripping.cancel()
-        writer.close()
+    opening = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n" % declared + sent)
+    return hold(port, opening, b" " if then_trickle else b"", 0.3, REQUEST_TIMEOUT_S + SLACK_S + 5)
 
 
 async def idle_keep_alive(port: int) -> Tuple[float, bytes]:
