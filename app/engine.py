@@ -178,6 +178,12 @@ class Engine:
         block = self.halo_layers[layer].spec.block_size
         return h // block, w // block
 
+    def map_shape(self, layer: str) -> Tuple[int, int, int]:
+        """(blocks, win, win): the maps ``forward`` returns for one image at ``layer``."""
+        rows, cols = self._blocks(layer)
+        win = self.halo_layers[layer].spec.win_size
+        return rows * cols, win, win
+
     def declared_pixels(self, data: bytes) -> int:
         """Width x height as the image's header says, nothing decoded; refused as ``decode`` would
         refuse it for its format or size."""

@@ -1,4 +1,5 @@
-"""Errors at the edge: every failure a client can cause becomes JSON {"error": {"code", "message"}}."""
+"""Errors at the edge: every failure a client can cause becomes JSON {"error": {"code", "message"}}
+(or {"error": "<message>"} on the Open Inference Protocol's routes)."""
 from typing import Optional
 
 from fastapi.responses import JSONResponse
@@ -16,8 +17,10 @@ class ServiceError(Exception):
 
 
 def error_json(status: int, code: str, message: str, retry_after: Optional[int] = None,
-               close_connection: bool = False) -> JSONResponse:
+               close_connection: bool = False, v2: bool = False) -> JSONResponse:
+    """``v2``: in the Open Inference Protocol's form, {"error": "<message>"}."""
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
     if close_connection:
         headers["Connection"] = "close"
-    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers or None)
+    body = {"error": message} if v2 else {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status, headers=headers or None)

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import v2
 from .config import Settings
 from .errors import ServiceError, error_json
 from .routes import predict, router
@@ -86,18 +87,21 @@ class PredictShortPath:
 
 
 def error_response(request: Request, error: Exception) -> JSONResponse:
-    """Every failure as JSON {"error": {"code", "message"}}, with the status it stands for."""
+    """Every failure as JSON {"error": {"code", "message"}} (the protocol's {"error": "..."} under
+    /v2), with the status it stands for."""
+    path = request.url.path
+    in_v2 = path == v2.PREFIX or path.startswith(v2.PREFIX + "/")
     if isinstance(error, ServiceError):
-        return error_json(error.status, error.code, error.message, error.retry_after, error.close_connection)
+        return error_json(error.status, error.code, error.message, error.retry_after, error.close_connection, in_v2)
     if isinstance(error, RequestValidationError):
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
-        return error_json(422, "invalid_request", message)
+        return error_json(422, "invalid_request", message, v2=in_v2)
     if isinstance(error, StarletteHTTPException):
-        response = error_json(error.status_code, "http_error", str(error.detail))
+        response = error_json(error.status_code, "http_error", str(error.detail), v2=in_v2)
         response.headers.update(error.headers or {})  # what the status needs, such as a 405's Allow
         return response
-    logging.getLogger("halo.service").exception("unhandled error in %s", request.url.path)
-    return error_json(500, "internal_error", f"{type(error).__name__}: {error}")
+    logging.getLogger("halo.service").exception("unhandled error in %s", path)
+    return error_json(500, "internal_error", f"{type(error).__name__}: {error}", v2=in_v2)
 
 
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
@@ -115,6 +119,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                   description="Image classification with HaloNets: top-k labels and attention heatmaps, "
                               "dynamically batched.")
     app.include_router(router)
+    app.include_router(v2.router)
     app.state.predict_route = next(r for r in router.routes if getattr(r, "path", None) == "/predict")
 
     async def handle(request: Request, error: Exception) -> JSONResponse:

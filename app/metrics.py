@@ -13,6 +13,9 @@ class Metrics:
         self.latency = Histogram("halo_request_seconds", "HTTP request latency", ["route", "status"],
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("halo_queue_depth", "images waiting for a batch", registry=r)
+        # What predicts a batching server's latency, and so what its autoscaler reads (deploy/k8s).
+        self.in_flight = Gauge("halo_images_in_flight", "images accepted and not yet answered (decoding, queued "
+                               "or in a forward pass), every protocol together", registry=r)
         self.queue_wait = Histogram("halo_queue_wait_seconds", "time an image waited for its batch",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("halo_batch_size", "images per forward pass", buckets=BATCH_BUCKETS, registry=r)

@@ -1,24 +1,26 @@
 """A request's whole journey, from image bytes to answers, with no HTTP: check the options, admit
 it (its expected wait, then its images' pixels from their headers), decode and preprocess in the
 thread pool, submit all of its images or none, await them, then top-k and heatmap payloads. Every
-protocol the service speaks calls ``Pipeline.predict``; failures are ``ServiceError`` (status,
-code, message), mapped to responses in one place (app/main.py)."""
+protocol the service speaks calls ``Pipeline.classify`` (``predict`` for /predict's answers on top
+of it), so the limits, batching and metrics are the same for all; failures are ``ServiceError``
+(status, code, message), which each protocol's adapter turns into its own error form."""
 import asyncio
 import math
 import threading
 import time
 from concurrent.futures import Executor
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 from torch import Tensor
 
 from model.decoding import ImageDecodeError, ImageTooLargeError, UnsupportedImageFormatError
 
-from .batcher import Batcher, ClientGoneError, DeadlineExceededError, Job, QueueFullError, ShuttingDownError
+from .batcher import Batcher, ClientGoneError, DeadlineExceededError, Job, JobResult, QueueFullError, ShuttingDownError
 from .config import Settings
 from .engine import Engine, release_free_memory
 from .errors import ServiceError
+from .metrics import Metrics
 from .schemas import PredictOptions
 
 # After decoding more pixels than this in one request, free heap memory goes back to the system: a
@@ -50,8 +52,10 @@ class DecodingBudget:
 
 
 class Pipeline:
-    def __init__(self, engine: Engine, batcher: Batcher, preprocess_pool: Executor, settings: Settings):
+    def __init__(self, engine: Engine, batcher: Batcher, preprocess_pool: Executor, settings: Settings,
+                 metrics: Metrics):
         self.engine, self.batcher, self.preprocess_pool, self.settings = engine, batcher, preprocess_pool, settings
+        self.metrics = metrics
         self.decoding = DecodingBudget(settings.max_decoding_pixels)
 
     def admit(self, images: int) -> None:
@@ -64,17 +68,18 @@ class Pipeline:
                                f"HALO_MAX_QUEUE_WAIT_MS={self.settings.max_queue_wait_ms:g}",
                                retry_after=max(1, math.ceil(wait_s - bound_s)))
 
-    def check(self, images: int, options: PredictOptions) -> Optional[str]:
-        """Checks what can be checked before decoding; the layer to take heatmaps from, if asked."""
+    def check_count(self, images: int) -> None:
         if images > self.settings.max_images_per_request:
             raise ServiceError(413, "too_many_images",
                                f"{images} images in one request; the limit is {self.settings.max_images_per_request}")
-        if options.top_k > len(self.engine.labels):
-            raise ServiceError(422, "invalid_options",
-                               f"top_k must be at most {len(self.engine.labels)} (the class count)")
-        if not options.heatmaps:
-            return None
-        layer = options.heatmap_layer or self.engine.default_heatmap_layer
+
+    def check_top_k(self, k: int) -> None:
+        if k > len(self.engine.labels):
+            raise ServiceError(422, "invalid_options", f"top_k must be at most {len(self.engine.labels)} (the class count)")
+
+    def heatmap_layer(self, name: Optional[str]) -> str:
+        """The halo layer to take heatmaps from: ``name``, or the model's default when None."""
+        layer = name or self.engine.default_heatmap_layer
         if layer not in self.engine.halo_layers:
             raise ServiceError(422, "invalid_options", f"heatmap_layer {layer!r} is not a halo attention layer; "
                                                        f"choose one of {', '.join(self.engine.halo_layers)}")
@@ -82,19 +87,52 @@ class Pipeline:
 
     async def predict(self, files: List[bytes], options: PredictOptions, deadline: float,
                       client_gone: Callable[[], bool] = lambda: False) -> List[dict]:
-        """One result per image, in order: ``predictions``, ``timing`` and, when asked, ``heatmaps``.
-        ``deadline`` is a ``time.monotonic()``; ``client_gone`` says whether the asker left."""
-        layer = self.check(len(files), options)
-        self.admit(len(files))
+        """/predict's answer for each image, in order: ``predictions``, ``timing`` and, when asked,
+        ``heatmaps``."""
+        self.check_top_k(options.top_k)
+        layer = self.heatmap_layer(options.heatmap_layer) if options.heatmaps else None
+        tensors, results = await self.classify(files, layer, deadline, client_gone)
         loop = asyncio.get_running_loop()
-        self.batcher.expect(len(files))  # the model thread may wait for these while they decode
+        answers = []
+        for tensor, result in zip(tensors, results):
+            answer = dict(predictions=self.engine.top_k(result.probs, options.top_k),
+                          timing=dict(queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3,
+                                      batch_size=result.batch_size))
+            if layer is not None:
+                answer["heatmaps"] = await loop.run_in_executor(
+                    self.preprocess_pool, self.engine.heatmaps, tensor, result.maps, layer, options.heatmap_format)
+            answers.append(answer)
+        return answers
+
+    async def classify(self, images: Union[List[bytes], Tensor], layer: Optional[str], deadline: float,
+                       client_gone: Callable[[], bool] = lambda: False) -> Tuple[List[Tensor], List[JobResult]]:
+        """Each image's model input and result (probabilities, and ``layer``'s maps when it names
+        one), in order. ``images`` are encoded files, decoded here, or a batch the client
+        preprocessed, (N, C, H, W) at the model's input size. ``deadline`` is a
+        ``time.monotonic()``; ``client_gone`` says whether the asker left."""
+        count = len(images)
+        self.check_count(count)
+        self.admit(count)
+        self.metrics.in_flight.inc(count)
         try:
-            tensors = await loop.run_in_executor(self.preprocess_pool, self._decode_all, files)
-            if time.monotonic() > deadline:
-                raise ServiceError(504, "deadline_exceeded", "the request's deadline passed while its images were "
-                                   f"decoded (HALO_REQUEST_TIMEOUT_MS={self.settings.request_timeout_ms:g})")
+            return await self._classify(images, layer, deadline, client_gone)
+        finally:
+            self.metrics.in_flight.dec(count)
+
+    async def _classify(self, images: Union[List[bytes], Tensor], layer: Optional[str], deadline: float,
+                        client_gone: Callable[[], bool]) -> Tuple[List[Tensor], List[JobResult]]:
+        loop = asyncio.get_running_loop()
+        self.batcher.expect(len(images))  # the model thread may wait for these while they decode
+        try:
+            if isinstance(images, Tensor):
+                tensors = list(images)
+            else:
+                tensors = await loop.run_in_executor(self.preprocess_pool, self._decode_all, images)
+                if time.monotonic() > deadline:
+                    raise ServiceError(504, "deadline_exceeded", "the request's deadline passed while its images "
+                                       f"were decoded (HALO_REQUEST_TIMEOUT_MS={self.settings.request_timeout_ms:g})")
         except BaseException:
-            self.batcher.withdraw(len(files))
+            self.batcher.withdraw(len(images))
             raise
         jobs = [Job(t, layer, deadline, loop, loop.create_future(), client_gone=client_gone) for t in tensors]
         try:
@@ -112,16 +150,7 @@ class Pipeline:
             raise ServiceError(499, "client_gone", str(failure))
         if failure is not None:
             raise failure
-        answers = []
-        for tensor, result in zip(tensors, results):
-            answer = dict(predictions=self.engine.top_k(result.probs, options.top_k),
-                          timing=dict(queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3,
-                                      batch_size=result.batch_size))
-            if layer is not None:
-                answer["heatmaps"] = await loop.run_in_executor(
-                    self.preprocess_pool, self.engine.heatmaps, tensor, result.maps, layer, options.heatmap_format)
-            answers.append(answer)
-        return answers
+        return tensors, results
 
     def _decode_all(self, files: List[bytes]) -> List[Tensor]:
         """Decode and preprocess every image of a request (in the preprocessing pool), once their

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from .batcher import AdaptiveWindow
 from .config import Settings
 from .errors import ServiceError
+from .http_request import read_body, validation_message, watch_disconnect
 from .schemas import ErrorResponse, JsonPredictRequest, ModelInfo, PredictOptions, PredictResponse
 from .service import Service
 
@@ -68,48 +69,11 @@ async def model_info(request: Request) -> ModelInfo:
         max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
 
 
-async def _read_body(request: Request, limit: int, deadline: float, pause_s: float) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed ``limit``, and with 408
-    when a part of it takes longer than ``pause_s`` to come or the request's ``deadline`` passes
-    first (a client that declares a large body and stalls, or sends it a byte a second, would
-    otherwise hold its connection and its memory until it gave up)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ServiceError(413, "body_too_large", f"request body of {declared} bytes is over the limit of {limit}",
-                           close_connection=True)
-    chunks, size, loop = [], 0, asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(None) as timeout:
-            stream = request.stream().__aiter__()
-            while True:
-                timeout.reschedule(loop.time() + min(pause_s, deadline - time.monotonic()))
-                try:
-                    chunk = await anext(stream)
-                except StopAsyncIteration:
-                    break
-                size += len(chunk)
-                if size > limit:
-                    raise ServiceError(413, "body_too_large", f"request body is over the limit of {limit} bytes",
-                                       close_connection=True)
-                chunks.append(chunk)
-    except TimeoutError as e:
-        raise ServiceError(408, "body_timeout", f"the request body stopped arriving after {size} bytes (each part "
-                           f"must come within HALO_BODY_TIMEOUT_S={pause_s:g} s, the whole body within the "
-                           "request's deadline)", close_connection=True) from e
-    body = b"".join(chunks)
-    request._body = body  # let Starlette's form parser read the body we already have
-    return body
-
-
 def _options(raw: dict) -> PredictOptions:
     try:
         return PredictOptions.model_validate(raw)
     except ValidationError as e:
-        raise ServiceError(422, "invalid_options", _validation_message(e)) from e
-
-
-def _validation_message(error: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors())
+        raise ServiceError(422, "invalid_options", validation_message(e)) from e
 
 
 async def _parse(request: Request, settings: Settings, deadline: float) -> Tuple[List[bytes], PredictOptions]:
@@ -118,12 +82,12 @@ async def _parse(request: Request, settings: Settings, deadline: float) -> Tuple
         raise ServiceError(415, "unsupported_media_type", "send multipart/form-data (field 'file') or "
                            f"application/json, not {content_type or 'nothing'}")
     limit = settings.max_body_bytes
-    body = await _read_body(request, limit, deadline, settings.body_timeout_s)
+    body = await read_body(request, limit, deadline, settings.body_timeout_s)
     if content_type == "application/json":
         try:
             parsed = JsonPredictRequest.model_validate_json(body)
         except ValidationError as e:
-            raise ServiceError(422, "invalid_request", _validation_message(e)) from e
+            raise ServiceError(422, "invalid_request", validation_message(e)) from e
         if request.query_params:  # documented for multipart requests: here they would be silently ignored
             raise ServiceError(422, "invalid_options", "a JSON request carries its options in its body, not in "
                                f"the query ({', '.join(request.query_params)})")
@@ -146,16 +110,6 @@ async def _parse(request: Request, settings: Settings, deadline: float) -> Tuple
     return files, _options(dict(request.query_params))
 
 
-async def _watch_disconnect(request: Request, gone: List[bool]) -> None:
-    """Once the body is read, the next ASGI message can only be the client's disconnect: wait for it
-    (no polling), and mark the request's images so the batcher drops them."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            gone[0] = True
-            return
-
-
 @router.post("/predict", response_model=PredictResponse, responses=ERROR_RESPONSES,
              summary="Classify images: top-k labels, optionally attention heatmaps",
              openapi_extra={"parameters": QUERY_OPTIONS, "requestBody": {"required": True, "content": {
@@ -172,7 +126,7 @@ async def predict(request: Request) -> JSONResponse:
     pipeline.admit(1)  # the image count is not known yet: refuse now if even one would wait too long
     files, options = await _parse(request, settings, deadline)
     gone = [False]
-    watcher = asyncio.create_task(_watch_disconnect(request, gone))
+    watcher = asyncio.create_task(watch_disconnect(request, gone))
     try:
         results = await pipeline.predict(files, options, deadline, client_gone=lambda: gone[0])
     finally:

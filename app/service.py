@@ -45,7 +45,7 @@ class Service:
             batcher = Batcher(engine.forward, policy, self.settings.max_queue, self.metrics, workers=engine.workers)
             batcher.start()
             self.engine, self.batcher = engine, batcher
-            self.pipeline = Pipeline(engine, batcher, self.preprocess_pool, self.settings)
+            self.pipeline = Pipeline(engine, batcher, self.preprocess_pool, self.settings, self.metrics)
             self.freeze_startup_heap()
             self.ready = True
             log.info("model %s (%s) ready on %s, halo attention: %s", engine.name, engine.version, engine.device,

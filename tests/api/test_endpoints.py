@@ -116,16 +116,23 @@ def test_openapi_documents_every_status_of_each_route_with_the_error_body_sent(c
     spec = client.get("/openapi.json").json()
     documented = {path: {method: set(operation["responses"]) for method, operation in item.items()}
                   for path, item in spec["paths"].items()}
+    model, version = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
+    v2_model, v2_infer = {"get": {"200", "404", "503"}}, {"post": {"200", "400", "404", "408", "413", "415", "422",
+                                                                  "503", "504"}}
     assert documented == {
         "/healthz": {"get": {"200"}}, "/readyz": {"get": {"200", "503"}}, "/metrics": {"get": {"200"}},
         "/v1/model": {"get": {"200", "503"}},
-        "/predict": {"post": {"200", "400", "408", "413", "415", "422", "503", "504"}}}
-    for item in spec["paths"].values():
+        "/predict": {"post": {"200", "400", "408", "413", "415", "422", "503", "504"}},
+        "/v2": {"get": {"200"}}, "/v2/health/live": {"get": {"200"}}, "/v2/health/ready": {"get": {"200", "503"}},
+        model: v2_model, f"{model}/ready": v2_model, version: v2_model, f"{version}/ready": v2_model,
+        f"{model}/infer": v2_infer, f"{version}/infer": v2_infer}
+    for path, item in spec["paths"].items():
+        error_body = "V2Error" if path.startswith("/v2") else "ErrorResponse"
         for operation in item.values():
             for status, response in operation["responses"].items():
                 if status != "200":
                     assert response["content"]["application/json"]["schema"] == {
-                        "$ref": "#/components/schemas/ErrorResponse"}
+                        "$ref": f"#/components/schemas/{error_body}"}
     assert "HTTPValidationError" not in spec["components"]["schemas"]  # FastAPI's 422 body, which is never sent
 
 

@@ -24,11 +24,15 @@ EXAMPLES = int(os.environ.get("HALO_FUZZ_EXAMPLES", "100"))
 # A schema cannot say which strings and bytes are images, nor which top_k and heatmap_layer the served model has:
 # /predict answers such schema-valid requests with its documented 400, 413, 415 and 422 (5xx stay not_a_server_error's).
 PREDICT_ACCEPTS = ["2xx", "400", "413", "415", "422", "5xx"]
+# Nor which model names the server serves, nor which inputs fit the model's shapes: v2's 404 and the same as /predict.
+V2_ACCEPTS = {"^/v2/models/.*/infer$": PREDICT_ACCEPTS + ["404"], "^/v2/models/.*(}|/ready)$": ["2xx", "404", "5xx"]}
 CONFIG = SchemathesisConfig.from_dict({
     "seed": 20240601,
     "generation": {"mode": "all", "max-examples": EXAMPLES, "deterministic": True, "database": "none"},
     "operations": [{"include-path": "/predict",
-                    "checks": {"positive_data_acceptance": {"expected-statuses": PREDICT_ACCEPTS}}}]})
+                    "checks": {"positive_data_acceptance": {"expected-statuses": PREDICT_ACCEPTS}}}] + [
+        {"include-path-regex": path, "checks": {"positive_data_acceptance": {"expected-statuses": statuses}}}
+        for path, statuses in V2_ACCEPTS.items()]})
 
 # Schemathesis makes one test per operation when the module is collected, so the spec is read here; it does not
 # depend on the settings, and the live app is checked to serve the same one.

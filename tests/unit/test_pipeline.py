@@ -57,10 +57,11 @@ def pipeline(request):
     engine = FakeEngine()
     policy = FixedWindow(settings.max_batch_size, 5.0) if request.param == "fixed" else AdaptiveWindow(
         settings.max_batch_size, 5.0, ForwardCosts({n: 0.01 + 0.0001 * n for n in (1, 2, 4, 8)}))
-    batcher = Batcher(engine.forward, policy, settings.max_queue, Metrics())
+    metrics = Metrics()
+    batcher = Batcher(engine.forward, policy, settings.max_queue, metrics)
     batcher.start()
     pool = ThreadPoolExecutor(2)
-    yield Pipeline(engine, batcher, pool, settings)
+    yield Pipeline(engine, batcher, pool, settings, metrics)
     batcher.close()
     batcher.drain(5)
     pool.shutdown()
@@ -169,7 +170,8 @@ def idle_pipeline(engine: FakeEngine, **settings) -> Pipeline:
     """A pipeline whose model workers never start: what is submitted stays queued."""
     settings = Settings(max_batch_size=4, max_images_per_request=4, **settings)
     policy = FixedWindow(4, 0.0, ForwardCosts({1: 0.1, 4: 0.2}))
-    return Pipeline(engine, Batcher(engine.forward, policy, 512, Metrics()), ThreadPoolExecutor(2), settings)
+    metrics = Metrics()
+    return Pipeline(engine, Batcher(engine.forward, policy, 512, metrics), ThreadPoolExecutor(2), settings, metrics)
 
 
 def test_a_request_that_would_wait_too_long_is_refused_before_it_is_decoded() -> None:
