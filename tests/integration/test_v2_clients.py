@@ -17,7 +17,7 @@ from PIL import Image
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from tritonclient.utils import InferenceServerException
 
-from benchmarks.server import ServerProcess
+from benchmarks.server import ServerProcess, read_metric
 from model import create_model
 from model.decoding import load_image
 from model.transforms import build_transform
@@ -189,11 +189,6 @@ def slow_to_decode_image() -> bytes:
     return buffer.getvalue()
 
 
-def gauge(url: str, name: str) -> float:
-    line = next(line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith(name + " "))
-    return float(line.split()[1])
-
-
 def test_v2_and_predict_requests_share_forward_passes(start_server) -> None:
     """/predict sends an image that is slow to decode; once the server counts it in flight, a v2
     request sends a small one. The batcher waits for the image on its way (its window is long), so
@@ -203,12 +198,12 @@ def test_v2_and_predict_requests_share_forward_passes(start_server) -> None:
     thread = threading.Thread(target=lambda: answers.update(predict=predict(url, [slow_to_decode_image()])))
     thread.start()
     deadline = time.monotonic() + 30
-    while gauge(url, "halo_images_in_flight") < 1 and time.monotonic() < deadline:
+    while read_metric(url, "halo_images_in_flight") < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     v2_client = triton.InferenceServerClient(url.removeprefix("http://"), network_timeout=60)
     probs = v2_client.infer(MODEL, [bytes_input(IMAGES[:1], binary=True)]).as_numpy("probabilities")
     thread.join(60)
     assert probs.shape == (1, 10)
     assert answers["predict"][0]["timing"]["batch_size"] == 2
-    assert gauge(url, "halo_batch_size_count") == 1  # one forward pass served both requests
-    assert gauge(url, "halo_images_in_flight") == 0
+    assert read_metric(url, "halo_batch_size_count") == 1  # one forward pass served both requests
+    assert read_metric(url, "halo_images_in_flight") == 0
