@@ -17,6 +17,10 @@ the package index, and the phases below, each checked, each timed:
   up         the api container turns healthy through its own healthcheck within its start period;
              a photo and a Fashion-MNIST PNG through the published port get the top-5 that the
              same model served on the host (`make serve`) gives; heatmaps; /metrics counts them
+  k8s pod    the Kubernetes base Deployment's pod (deploy/k8s/base, rendered) run by docker as the
+             kubelet would (tests/docker/k8s_pod.py): read-only root, its user, its emptyDirs; the
+             init container's copy of the kernel is loaded (cpp) without compiling it again; a v2
+             inference; SIGTERM ends it with status 0
   loadtest   the loadtest profile, 15 s with 8 users against api: no failure, report on the host
   crash      the api's process killed with SIGKILL (as an out-of-memory kill would): its restart
              policy starts it again and /readyz answers 200 again
@@ -51,7 +55,9 @@ from benchmarks.closed_loop import fashion_pngs
 from benchmarks.server import ROOT, ServerProcess, free_port, metric_value, read_metric
 from tests.burst import Burst, shaded_pngs
 from tests.docker.dockerd import PrivateDockerd
+from tests.docker.k8s_pod import run_base_pod
 from tests.docker.standins import import_images, root_archive
+from tests.docker.waiting import answers_200, wait_until
 from tests.docker.wheelhouse import wheelhouse
 
 PROJECT = "halonet-e2e"
@@ -137,6 +143,7 @@ def in_namespace(archive: Path, wheels: Path, passed: int) -> int:
         phases.run("dockerd", lambda: start_engine(dockerd, archive))
         phases.run("build", stack.build)
         phases.run("up", stack.up)
+        phases.run("k8s pod", lambda: run_base_pod(dockerd.docker, work))
         phases.run("loadtest", stack.loadtest)
         phases.run("crash", stack.crash)
         phases.run("scale", stack.scale)
@@ -159,23 +166,6 @@ def start_engine(dockerd: PrivateDockerd, archive: Path) -> str:
     dockerd.start()
     import_images(archive, dockerd.docker)
     return dockerd.docker("version", "--format", "dockerd {{.Server.Version}}").stdout.strip()
-
-
-def answers_200(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds it took ``condition`` to hold; TimeoutError naming ``what`` past ``timeout``."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(0.5)
-    return time.monotonic() - start
 
 
 def sample_images() -> Dict[str, bytes]:

@@ -240,7 +240,7 @@ def test_pods_run_as_the_image_s_user_read_only_writing_only_to_emptydirs(target
     source = extensions.group(1)
     [(destination, volume)] = [(m["mountPath"], m["name"]) for m in init["volumeMounts"]]
     assert mounts[source] == volume and init["image"] == main["image"]
-    assert init["command"] == ["cp", "-a", f"{source}/.", f"{destination}/"]
+    assert init["command"] == ["sh", "-c", f"cp -a {source}/* {destination}/"]
 
 
 def test_gpu_overlay_runs_the_cuda_image_on_one_gpu() -> None:
