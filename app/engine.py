@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from model import HaloAttention, create_model, load_labels
@@ -16,7 +17,8 @@ from model import heatmaps as heatmap_pictures
 from model.halonet import HaloNet, shipped_weights
 from model.inference import prepare_for_inference, trace_for_inference
 from model.decoding import load_image, open_image
-from model.transforms import build_transform, decode_min_side
+from model.heatmaps import SourceImage
+from model.transforms import build_geometric_transform, decode_min_side, to_mode
 
 from .config import Settings
 
@@ -95,7 +97,7 @@ class Engine:
         self.parameters = sum(p.numel() for p in model.parameters())
         self.model: HaloNet = prepare_for_inference(model, self.device, self.dtype, channels_last=True)
         self.cfg = self.model.pretrained_cfg
-        self.transform = build_transform(self.cfg)
+        self.transform = build_geometric_transform(self.cfg)
         self.min_side = decode_min_side(self.cfg)  # a JPEG twice as large decodes at a reduced scale
         self.labels = load_labels(self.cfg.label_set) if self.cfg.label_set else [
             str(i) for i in range(self.cfg.num_classes)]
@@ -192,9 +194,25 @@ class Engine:
 
     def decode(self, data: bytes) -> Tensor:
         """Image file bytes -> preprocessed (C, H, W) tensor. Raises model.decoding's errors."""
-        image = load_image(data, max_pixels=self.settings.max_pixels, formats=ACCEPTED_FORMATS,
-                           min_side=self.min_side)
-        return self.transform(image)
+        return self.transform(self._load(data))[0]
+
+    def decode_with_source(self, data: bytes, picture_side: Optional[int] = None) -> Tuple[Tensor, SourceImage]:
+        """``decode``, and where the input's pixels come from in the image, in the file's own pixels
+        (upright); with ``picture_side``, a copy of the image to draw heatmaps on, its longer side at
+        most that."""
+        image = self._load(data)
+        tensor, geometry = self.transform(image)
+        header = open_image(data, max_pixels=self.settings.max_pixels, formats=ACCEPTED_FORMATS).size
+        turned = (header[0] > header[1]) != (image.width > image.height) and header[0] != header[1]
+        geometry = geometry.resized(header[::-1] if turned else header)  # a large JPEG decodes reduced
+        picture = None
+        if picture_side is not None:
+            picture = to_mode(image, 3).copy()
+            picture.thumbnail((picture_side, picture_side), Image.Resampling.LANCZOS)
+        return tensor, SourceImage(geometry, picture)
+
+    def _load(self, data: bytes) -> Image.Image:
+        return load_image(data, max_pixels=self.settings.max_pixels, formats=ACCEPTED_FORMATS, min_side=self.min_side)
 
     @torch.inference_mode()
     def forward(self, batch: Tensor, heatmap_layers: Sequence[Optional[str]]) -> Tuple[Tensor, List[Optional[Tensor]]]:
@@ -224,22 +242,25 @@ class Engine:
         scores, indices = probs.topk(k)
         return [dict(label=self.labels[i], index=i, score=s) for s, i in zip(scores.tolist(), indices.tolist())]
 
-    def heatmaps(self, inputs: Tensor, maps: Tensor, layer: str, fmt: str) -> dict:
-        """The heatmap payload of one image: windows, then the numbers or the pictures."""
+    def heatmaps(self, source: SourceImage, maps: Tensor, layer: str, fmt: str) -> dict:
+        """The heatmap payload of one image: windows, where the input lies in the image, then the
+        numbers or the pictures (drawn on ``source.picture``)."""
         spec = self.halo_layers[layer].spec
         feature_hw = self.feature_sizes[layer]
         image_hw = tuple(self.cfg.input_size[1:])
         image_map = heatmap_pictures.image_map(maps, spec, feature_hw, image_hw)
+        geometry = source.geometry
         payload = dict(layer=layer, feature_size=list(feature_hw), image_size=list(image_hw),
                        blocks=list(self._blocks(layer)),
-                       windows=[vars(w) for w in heatmap_pictures.windows(spec, feature_hw, image_hw)])
+                       windows=[vars(w) for w in heatmap_pictures.windows(spec, feature_hw, image_hw)],
+                       mapping=dict(original_size=list(geometry.image_size), crop=list(geometry.crop_box()),
+                                    placed=list(geometry.placed)))
         if fmt == "array":
             payload.update(block_maps=maps.tolist(), image_map=image_map.tolist())
         else:
-            picture = heatmap_pictures.picture_of_input(inputs, self.cfg.mean, self.cfg.std)
             payload.update(
-                overlay_png=base64.b64encode(heatmap_pictures.overlay_png(image_map, picture)).decode(),
-                mosaic_png=base64.b64encode(heatmap_pictures.mosaic_png(maps, self._blocks(layer))).decode())
+                overlay_png=base64.b64encode(heatmap_pictures.overlay_png(image_map, source)).decode(),
+                mosaic_png=base64.b64encode(heatmap_pictures.mosaic_png(maps, self._blocks(layer), spec)).decode())
         return payload
 
     def warmup(self) -> Dict[int, float]:

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, List, Optional, Tuple, Union
 from torch import Tensor
 
 from model.decoding import ImageDecodeError, ImageTooLargeError, UnsupportedImageFormatError
+from model.heatmaps import SourceImage
 
 from .batcher import Batcher, ClientGoneError, DeadlineExceededError, Job, JobResult, QueueFullError, ShuttingDownError
 from .config import Settings
@@ -91,43 +92,50 @@ class Pipeline:
         ``heatmaps``."""
         self.check_top_k(options.top_k)
         layer = self.heatmap_layer(options.heatmap_layer) if options.heatmaps else None
-        tensors, results = await self.classify(files, layer, deadline, client_gone)
+        picture_side = options.heatmap_max_side if options.heatmap_format == "png" else None
+        sources, results = await self.classify(files, layer, deadline, client_gone, keep_sources=layer is not None,
+                                               picture_side=picture_side)
         loop = asyncio.get_running_loop()
         answers = []
-        for tensor, result in zip(tensors, results):
+        for source, result in zip(sources, results):
             answer = dict(predictions=self.engine.top_k(result.probs, options.top_k),
                           timing=dict(queue_ms=result.queue_s * 1e3, inference_ms=result.inference_s * 1e3,
                                       batch_size=result.batch_size))
             if layer is not None:
                 answer["heatmaps"] = await loop.run_in_executor(
-                    self.preprocess_pool, self.engine.heatmaps, tensor, result.maps, layer, options.heatmap_format)
+                    self.preprocess_pool, self.engine.heatmaps, source, result.maps, layer, options.heatmap_format)
             answers.append(answer)
         return answers
 
     async def classify(self, images: Union[List[bytes], Tensor], layer: Optional[str], deadline: float,
-                       client_gone: Callable[[], bool] = lambda: False) -> Tuple[List[Tensor], List[JobResult]]:
-        """Each image's model input and result (probabilities, and ``layer``'s maps when it names
-        one), in order. ``images`` are encoded files, decoded here, or a batch the client
-        preprocessed, (N, C, H, W) at the model's input size. ``deadline`` is a
+                       client_gone: Callable[[], bool] = lambda: False, keep_sources: bool = False,
+                       picture_side: Optional[int] = None) -> Tuple[List[Optional[SourceImage]], List[JobResult]]:
+        """Each image's result (probabilities, and ``layer``'s maps when it names one), in order, and
+        with ``keep_sources`` where its model input lies in it (and, with ``picture_side``, a copy to
+        draw on; None for a preprocessed batch). ``images`` are encoded files, decoded here, or a
+        batch the client preprocessed, (N, C, H, W) at the model's input size. ``deadline`` is a
         ``time.monotonic()``; ``client_gone`` says whether the asker left."""
         count = len(images)
         self.check_count(count)
         self.admit(count)
         self.metrics.in_flight.inc(count)
         try:
-            return await self._classify(images, layer, deadline, client_gone)
+            return await self._classify(images, layer, deadline, client_gone, keep_sources, picture_side)
         finally:
             self.metrics.in_flight.dec(count)
 
     async def _classify(self, images: Union[List[bytes], Tensor], layer: Optional[str], deadline: float,
-                        client_gone: Callable[[], bool]) -> Tuple[List[Tensor], List[JobResult]]:
+                        client_gone: Callable[[], bool], keep_sources: bool,
+                        picture_side: Optional[int]) -> Tuple[List[Optional[SourceImage]], List[JobResult]]:
         loop = asyncio.get_running_loop()
         self.batcher.expect(len(images))  # the model thread may wait for these while they decode
         try:
             if isinstance(images, Tensor):
-                tensors = list(images)
+                tensors, sources = list(images), [None] * len(images)
             else:
-                tensors = await loop.run_in_executor(self.preprocess_pool, self._decode_all, images)
+                decode = (lambda data: self.engine.decode_with_source(data, picture_side)) if keep_sources else (
+                    lambda data: (self.engine.decode(data), None))
+                tensors, sources = await loop.run_in_executor(self.preprocess_pool, self._decode_all, images, decode)
                 if time.monotonic() > deadline:
                     raise ServiceError(504, "deadline_exceeded", "the request's deadline passed while its images "
                                        f"were decoded (HALO_REQUEST_TIMEOUT_MS={self.settings.request_timeout_ms:g})")
@@ -150,20 +158,22 @@ class Pipeline:
             raise ServiceError(499, "client_gone", str(failure))
         if failure is not None:
             raise failure
-        return tensors, results
+        return sources, results
 
-    def _decode_all(self, files: List[bytes]) -> List[Tensor]:
+    def _decode_all(self, files: List[bytes], decode: Callable[[bytes], Tuple[Tensor, Optional[SourceImage]]]
+                    ) -> Tuple[List[Tensor], List[Optional[SourceImage]]]:
         """Decode and preprocess every image of a request (in the preprocessing pool), once their
-        headers say that their pixels fit the limits."""
+        headers say that their pixels fit the limits: the model inputs, and what ``decode`` keeps
+        of each image besides."""
         pixels = sum(self._image_step(files, i, self.engine.declared_pixels) for i in range(len(files)))
         if pixels > self.settings.max_request_pixels:
             raise ServiceError(413, "request_too_large", f"the images hold {pixels} pixels together, over "
                                f"HALO_MAX_REQUEST_PIXELS={self.settings.max_request_pixels}")
         with self.decoding.reserve(pixels):
-            tensors = [self._image_step(files, i, self.engine.decode) for i in range(len(files))]
+            decoded = [self._image_step(files, i, decode) for i in range(len(files))]
         if pixels > LARGE_DECODE_PIXELS:
             release_free_memory()
-        return tensors
+        return [tensor for tensor, _ in decoded], [source for _, source in decoded]
 
     def _image_step(self, files: List[bytes], i: int, step: Callable[[bytes], object]):
         """``step`` on image ``i``, its failures as the service's errors, naming the image."""

@@ -26,7 +26,8 @@ QUERY_OPTIONS = [{"name": name, "in": "query", "schema": schema,
                   "description": f"multipart requests only: {PredictOptions.model_fields[name].description}"}
                  for name, schema in (("top_k", {"type": "integer", "minimum": 1}), ("heatmaps", {"type": "boolean"}),
                                       ("heatmap_format", {"type": "string", "enum": ["array", "png"]}),
-                                      ("heatmap_layer", {"type": "string"}))]
+                                      ("heatmap_layer", {"type": "string"}),
+                                      ("heatmap_max_side", {"type": "integer", "minimum": 16, "maximum": 2048}))]
 
 
 def service_of(request: Request) -> Service:

@@ -8,6 +8,8 @@ class PredictOptions(BaseModel):
     top_k: int = Field(5, ge=1, description="how many classes to return, 1..num_classes")
     heatmaps: bool = Field(False, description="also return attention heatmaps")
     heatmap_format: Literal["array", "png"] = Field("array", description="numbers, or base64 PNG pictures")
+    heatmap_max_side: int = Field(512, ge=16, le=2048, description="png format: the overlay is drawn on the image "
+                                                                   "sent, its longer side at most this many pixels")
     heatmap_layer: Optional[str] = Field(
         None, description="module name of the halo attention layer; default: the last with at least 2x2 blocks")
 
@@ -43,18 +45,30 @@ class BlockWindow(BaseModel):
     image_size: float
 
 
+class HeatmapMapping(BaseModel):
+    original_size: List[int] = Field(description="width, height of the image sent (upright), in its pixels")
+    crop: List[float] = Field(description="left, top, right, bottom: the part of that image the model saw, "
+                                          "in its pixels (the rest was cropped away)")
+    placed: List[float] = Field(description="left, top, right, bottom: where that part lies in the preprocessed "
+                                            "input, in input pixels (the rest of the input is padding)")
+
+
 class Heatmaps(BaseModel):
     layer: str
     feature_size: List[int] = Field(description="height, width of the layer's input map")
     image_size: List[int] = Field(description="height, width of the preprocessed input image")
     blocks: List[int] = Field(description="blocks per column, per row")
     windows: List[BlockWindow]
+    mapping: HeatmapMapping = Field(description="from the input's pixels to the image's: x_image = crop.left + "
+                                                "(x_input - placed.left) * crop width / placed width, y alike")
     block_maps: Optional[List[List[List[float]]]] = Field(
         None, description="array format: per block, the (win x win) attention grid; each sums to 1")
     image_map: Optional[List[List[float]]] = Field(
         None, description="array format: the image-level map at input size; sums to 1")
-    overlay_png: Optional[str] = Field(None, description="png format: image-level map over the input (base64)")
-    mosaic_png: Optional[str] = Field(None, description="png format: the block grids as they lie (base64)")
+    overlay_png: Optional[str] = Field(None, description="png format: the image-level map drawn on the image sent, "
+                                                         "what was cropped away hatched, with a legend (base64)")
+    mosaic_png: Optional[str] = Field(None, description="png format: each block's window grid as the blocks lie, "
+                                                        "the block's own query region outlined (base64)")
 
 
 class Timing(BaseModel):

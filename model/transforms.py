@@ -16,7 +16,11 @@ from torchvision.transforms import functional as TF
 
 from . import fashion_mnist
 from .decoding import ImageSource, load_image
+from .geometry import InputGeometry
 from .halonet import PretrainedConfig
+
+# A transform that also says where the input's pixels come from in the image (model/geometry.py).
+GeometricTransform = Callable[[Image.Image], Tuple[Tensor, InputGeometry]]
 
 INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
                   "nearest": InterpolationMode.NEAREST}
@@ -69,20 +73,36 @@ def resize_size(cfg: PretrainedConfig) -> int:
     return math.floor(cfg.input_size[1] / cfg.crop_pct)
 
 
-def eval_transform(cfg: PretrainedConfig) -> Callable[[Image.Image], Tensor]:
-    """PIL image (any mode) -> normalized (C, H, W) float tensor: resize shorter side, center crop."""
+def eval_transform(cfg: PretrainedConfig) -> GeometricTransform:
+    """PIL image (any mode) -> normalized (C, H, W) float tensor: resize shorter side, center crop;
+    and the crop's box in the image."""
     short, resample = resize_size(cfg), PIL_RESAMPLING[cfg.interpolation]
     resize = v2.Resize(short, interpolation=INTERPOLATIONS[cfg.interpolation], antialias=True)
-    crop = v2.CenterCrop(cfg.input_size[1:])
+    crop_h, crop_w = cfg.input_size[1:]
+    crop = v2.CenterCrop((crop_h, crop_w))
     mean, std = list(cfg.mean), list(cfg.std)
 
-    def transform(image: Image.Image) -> Tensor:
+    def transform(image: Image.Image) -> Tuple[Tensor, InputGeometry]:
         image = to_mode(image, cfg.input_size[0])
         band = _resize_for_crop(image, short, cfg.input_size[1:], resample)
-        image = crop(resize(image) if band is None else band)
-        return TF.normalize(TF.to_tensor(image), mean, std)
+        tensor = TF.normalize(TF.to_tensor(crop(resize(image) if band is None else band)), mean, std)
+        return tensor, _center_crop_geometry(image.size, short, (crop_h, crop_w))
 
     return transform
+
+
+def _center_crop_geometry(size: Tuple[int, int], short: int, crop: Tuple[int, int]) -> InputGeometry:
+    """The box of an image of ``size`` that resizing its shorter side to ``short`` and then a centre
+    crop keep, with torchvision's rounding of both."""
+    width, height = size
+    if width <= height:
+        resized = (short, int(short * height / width))
+    else:
+        resized = (int(short * width / height), short)
+    left, top = int(round((resized[0] - crop[1]) / 2.0)), int(round((resized[1] - crop[0]) / 2.0))
+    sx, sy = width / resized[0], height / resized[1]
+    return InputGeometry((width, height), (left * sx, top * sy, (left + crop[1]) * sx, (top + crop[0]) * sy),
+                         (0.0, 0.0, float(crop[1]), float(crop[0])))
 
 
 def _resize_for_crop(image: Image.Image, short: int, crop: Tuple[int, int],
@@ -107,30 +127,34 @@ def _resize_for_crop(image: Image.Image, short: int, crop: Tuple[int, int],
     return image.resize((crop_long, short), resample, box=(band[0], 0, band[1], height))
 
 
-def fit_grayscale_transform(cfg: PretrainedConfig) -> Callable[[Image.Image], Tensor]:
+def fit_grayscale_transform(cfg: PretrainedConfig) -> GeometricTransform:
     """For models trained on Fashion-MNIST-like data: light objects centred on black, filling a 28x28
     frame inside a 2-pixel black border. Any photo becomes that: grayscale; inverted when its border
     is light (a dark object on a light background); cropped to the object and fitted into 28x28 with
     its aspect ratio kept, centred on black. A 28x28 image is taken as already framed and passes
     through unchanged, so a Fashion-MNIST image saved as PNG gives exactly the tensor the model was
-    trained on."""
-    side = _frame_side(cfg)
+    trained on. The geometry: the object's box, and where it lies in the input."""
+    side, pad = _frame_side(cfg), fashion_mnist.PAD
 
-    def transform(image: Image.Image) -> Tensor:
+    def transform(image: Image.Image) -> Tuple[Tensor, InputGeometry]:
         gray = to_mode(image, 1)
         pixels = np.asarray(gray)
         border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
         if border.mean() > 127:
             gray = ImageOps.invert(gray)
+        box, placed = (0, 0, side, side), (0, 0, side, side)
         if gray.size != (side, side):
-            gray = _crop_to_object(gray)
+            box = _object_box(gray)
+            gray = gray.crop(box)
             scale = side / max(gray.size)
             size = (max(1, round(gray.size[0] * scale)), max(1, round(gray.size[1] * scale)))
             canvas = Image.new("L", (side, side), 0)
-            canvas.paste(gray.resize(size, Image.Resampling.BILINEAR), ((side - size[0]) // 2, (side - size[1]) // 2))
-            gray = canvas
+            at = ((side - size[0]) // 2, (side - size[1]) // 2)
+            canvas.paste(gray.resize(size, Image.Resampling.BILINEAR), at)
+            gray, placed = canvas, (at[0], at[1], at[0] + size[0], at[1] + size[1])
         pixels = torch.from_numpy(np.array(gray, dtype=np.uint8))[None]
-        return fashion_mnist.to_model_input(pixels, cfg.mean[0], cfg.std[0])[0]
+        geometry = InputGeometry(image.size, tuple(map(float, box)), tuple(float(c + pad) for c in placed))
+        return fashion_mnist.to_model_input(pixels, cfg.mean[0], cfg.std[0])[0], geometry
 
     return transform
 
@@ -140,24 +164,30 @@ def _frame_side(cfg: PretrainedConfig) -> int:
     return cfg.input_size[1] - 2 * fashion_mnist.PAD
 
 
-def _crop_to_object(gray: Image.Image) -> Image.Image:
-    """Crop a light-on-dark image to the box of pixels clearly brighter than its border (the whole
-    image when nothing stands out)."""
+def _object_box(gray: Image.Image) -> Tuple[int, int, int, int]:
+    """The box of pixels clearly brighter than the border of a light-on-dark image (the whole image
+    when nothing stands out)."""
     pixels = np.asarray(gray, dtype=np.float32)
     background = float(np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])))
     foreground = pixels > background + 0.2 * (pixels.max() - background)
     if pixels.max() - background < 16 or not foreground.any():
-        return gray
+        return 0, 0, gray.width, gray.height
     rows, cols = np.flatnonzero(foreground.any(1)), np.flatnonzero(foreground.any(0))
-    return gray.crop((int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
 TRANSFORMS = {"center_crop": eval_transform, "fit_grayscale": fit_grayscale_transform}
 
 
+def build_geometric_transform(cfg: PretrainedConfig) -> GeometricTransform:
+    """The transform a model's config names, with the geometry of what it kept (model/geometry.py)."""
+    return TRANSFORMS[cfg.preprocess](cfg)
+
+
 def build_transform(cfg: PretrainedConfig) -> Callable[[Image.Image], Tensor]:
     """The transform a model's config names: PIL image (any mode) -> normalized (C, H, W) tensor."""
-    return TRANSFORMS[cfg.preprocess](cfg)
+    transform = build_geometric_transform(cfg)
+    return lambda image: transform(image)[0]
 
 
 def decode_min_side(cfg: PretrainedConfig) -> int:
@@ -193,5 +223,6 @@ def preprocess_tensor(batch: Tensor, cfg: PretrainedConfig) -> Tensor:
     return TF.normalize(batch, list(cfg.mean), list(cfg.std))
 
 
-__all__: List[str] = ["to_mode", "eval_transform", "fit_grayscale_transform", "build_transform", "preprocess",
+__all__: List[str] = ["to_mode", "eval_transform", "fit_grayscale_transform", "build_transform",
+                      "build_geometric_transform", "preprocess",
                       "preprocess_tensor", "resize_size", "decode_min_side"]

@@ -97,8 +97,22 @@ def test_heatmaps_as_pngs_of_the_stated_sizes(client) -> None:
     assert "block_maps" not in heatmaps
     overlay = Image.open(io.BytesIO(base64.b64decode(heatmaps["overlay_png"])))
     mosaic = Image.open(io.BytesIO(base64.b64decode(heatmaps["mosaic_png"])))
-    assert overlay.size == (32, 32) and overlay.format == "PNG"
-    assert heatmaps["blocks"] == [4, 4] and mosaic.size == (4 * (6 * 8 + 1) + 1,) * 2
+    assert overlay.size == (40, 60) and overlay.format == "PNG"  # the image sent, not the 32 x 32 input
+    assert heatmaps["blocks"] == [4, 4] and mosaic.size == (4 * (6 * 11 + 3) + 3,) * 2  # windows of 66 px
+
+
+def test_heatmaps_say_where_the_input_lies_in_the_image_sent_and_draw_on_it(client) -> None:
+    """A JPEG large enough to be decoded at a reduced scale: the mapping is in the file's own pixels,
+    the overlay is the image at heatmap_max_side."""
+    photo = image_bytes("JPEG", size=(1200, 600))
+    array = client.post("/predict?heatmaps=true", files=[("file", ("p.jpg", photo))]).json()
+    mapping = array["results"][0]["heatmaps"]["mapping"]
+    assert mapping["original_size"] == [1200, 600] and mapping["placed"] == [2.0, 9.0, 30.0, 23.0]
+    assert mapping["crop"] == [0.0, 0.0, 1200.0, 600.0]  # one colour: nothing stands out, the whole image fits
+    png = client.post("/predict?heatmaps=true&heatmap_format=png&heatmap_max_side=300",
+                      files=[("file", ("p.jpg", photo))]).json()["results"][0]["heatmaps"]
+    assert Image.open(io.BytesIO(base64.b64decode(png["overlay_png"]))).size == (300, 150)
+    assert png["mapping"] == mapping
 
 
 @pytest.mark.parametrize("query", ["top_k=2", "heatmaps=true", "heatmaps=true&heatmap_format=png"])

@@ -16,6 +16,8 @@ from app.metrics import Metrics
 from app.pipeline import Pipeline
 from app.schemas import PredictOptions
 from model.decoding import ImageDecodeError
+from model.geometry import InputGeometry
+from model.heatmaps import SourceImage
 
 LAYER = "stages.2.attn"
 
@@ -40,12 +42,15 @@ class FakeEngine:
             raise ImageDecodeError("cannot identify image file")
         return torch.tensor([float(data[0]), 0.0])
 
+    def decode_with_source(self, data: bytes, picture_side: Optional[int] = None):
+        return self.decode(data), SourceImage(InputGeometry((1, 1), (0, 0, 1, 1), (0, 0, 1, 1)))
+
     def forward(self, batch: torch.Tensor, layers: Sequence[Optional[str]]):
         self.forwards.append(list(layers))
         probs = torch.nn.functional.one_hot(batch[:, 0].long(), len(self.labels)).float()
         return probs, [torch.ones(1, 2, 2) / 4 if layer else None for layer in layers]
 
-    def heatmaps(self, inputs: torch.Tensor, maps: torch.Tensor, layer: str, fmt: str) -> dict:
+    def heatmaps(self, source: SourceImage, maps: torch.Tensor, layer: str, fmt: str) -> dict:
         return dict(layer=layer, total=float(maps.sum()))
 
 
@@ -136,7 +141,7 @@ def test_requests_the_model_cannot_answer_are_refused_before_decoding(pipeline, 
 
 
 def test_a_failing_heatmap_fails_its_own_request_only(pipeline, monkeypatch) -> None:
-    def heatmaps(inputs: torch.Tensor, maps: torch.Tensor, layer: str, fmt: str) -> dict:
+    def heatmaps(source: SourceImage, maps: torch.Tensor, layer: str, fmt: str) -> dict:
         raise RuntimeError("poisoned heatmap")
 
     monkeypatch.setattr(pipeline.engine, "heatmaps", heatmaps)

@@ -15,7 +15,7 @@ from torchvision.transforms import functional as TF
 
 from model import create_model
 from model.decoding import load_image
-from model.transforms import decode_min_side, eval_transform, preprocess, preprocess_tensor, resize_size, to_mode
+from model.transforms import build_transform, decode_min_side, preprocess, preprocess_tensor, resize_size, to_mode
 
 PHOTOS = {"astronaut": skimage.data.astronaut, "coffee": skimage.data.coffee, "chelsea": skimage.data.chelsea}
 
@@ -26,7 +26,7 @@ def test_matches_timm_eval_transform(model_name: str, photo: str) -> None:
     image = Image.fromarray(PHOTOS[photo]())
     timm_model = timm.create_model(model_name)
     expected = timm.data.create_transform(**timm.data.resolve_data_config({}, model=timm_model))(image)
-    actual = eval_transform(create_model(model_name).pretrained_cfg)(image)
+    actual = build_transform(create_model(model_name).pretrained_cfg)(image)
     assert actual.shape == expected.shape == (3, 256, 256)
     assert (actual - expected).abs().max().item() <= 1e-3
 
@@ -34,7 +34,7 @@ def test_matches_timm_eval_transform(model_name: str, photo: str) -> None:
 def test_tensor_path_matches_the_pil_path_up_to_interpolation_rounding() -> None:
     cfg = create_model("halonet26t").pretrained_cfg
     photo = skimage.data.coffee()
-    from_pil = eval_transform(cfg)(Image.fromarray(photo))
+    from_pil = build_transform(cfg)(Image.fromarray(photo))
     from_tensor = preprocess_tensor(torch.from_numpy(photo).permute(2, 0, 1)[None], cfg)[0]
     assert (from_pil - from_tensor).abs().max().item() <= 0.05
     with pytest.raises(ValueError, match="expected a uint8"):
@@ -122,7 +122,7 @@ def test_float_images_with_nan_and_infinities_scale_from_their_finite_values() -
 
 def test_elongated_images_resize_only_the_band_the_crop_keeps() -> None:
     cfg = create_model("halonet26t").pretrained_cfg
-    transform = eval_transform(cfg)
+    transform = build_transform(cfg)
     started = time.perf_counter()
     assert transform(Image.new("RGB", (1, 40_000))).shape == (3, 256, 256)  # not 269 x 10,760,000 pixels
     assert time.perf_counter() - started < 1.0
