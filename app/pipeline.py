@@ -76,7 +76,8 @@ class Pipeline:
 
     def check_top_k(self, k: int) -> None:
         if k > len(self.engine.labels):
-            raise ServiceError(422, "invalid_options", f"top_k must be at most {len(self.engine.labels)} (the class count)")
+            raise ServiceError(422, "invalid_options",
+                               f"top_k must be at most {len(self.engine.labels)} (the class count)")
 
     def heatmap_layer(self, name: Optional[str]) -> str:
         """The halo layer to take heatmaps from: ``name``, or the model's default when None."""

@@ -150,8 +150,9 @@ def _images(engine: Engine, inputs: List[DecodedInput]) -> Union[List[bytes], Te
     else:
         size = list(engine.cfg.input_size)
         if spec.datatype != "FP32" or len(spec.shape) != 4 or spec.shape[1:] != size:
-            raise ServiceError(422, "invalid_request", f"input {PIXELS} is FP32 of shape [N, {', '.join(map(str, size))}]"
-                               f" (the model's input size), not {spec.datatype} {spec.shape}")
+            raise ServiceError(422, "invalid_request", f"input {PIXELS} is FP32 of shape "
+                               f"[N, {', '.join(map(str, size))}] (the model's input size), not {spec.datatype} "
+                               f"{spec.shape}")
         if not np.isfinite(elements).all():
             raise ServiceError(422, "invalid_request", f"input {PIXELS} holds NaN or infinite values")
     if spec.shape[0] == 0:

@@ -28,7 +28,8 @@ from benchmarks.server import ServerProcess
 HEADROOM = 0.7
 
 
-def sampled_mean(server: ServerProcess, metric: str, stop: threading.Event, every_s: float = 0.25) -> List[float]:
+def sample_until(server: ServerProcess, metric: str, stop: threading.Event, every_s: float = 0.25) -> List[float]:
+    """A list that a background thread fills with ``metric``'s value every ``every_s`` until ``stop``."""
     samples: List[float] = []
 
     def sample() -> None:
@@ -41,7 +42,7 @@ def sampled_mean(server: ServerProcess, metric: str, stop: threading.Event, ever
 
 def measure(server: ServerProcess, concurrency: int, seconds: float, images: List[bytes]) -> Dict[str, float]:
     stop = threading.Event()
-    samples = sampled_mean(server, "halo_images_in_flight", stop)
+    samples = sample_until(server, "halo_images_in_flight", stop)
     try:
         row = asyncio.run(drive(server.url, concurrency, seconds, images, body="json", warmup=2.0))
     finally:

@@ -120,7 +120,8 @@ def test_the_classification_extension_gives_the_top_k_of_predict(server, client,
     assert top.shape == (3, 3)
     for row, expected in zip(top, predict(server.url, IMAGES, top_k=3)):
         parsed = [entry.decode().split(":", 2) if isinstance(entry, bytes) else entry.split(":", 2) for entry in row]
-        assert [(int(i), label) for _, i, label in parsed] == [(p["index"], p["label"]) for p in expected["predictions"]]
+        expected_top = [(p["index"], p["label"]) for p in expected["predictions"]]
+        assert [(int(i), label) for _, i, label in parsed] == expected_top
         np.testing.assert_allclose([float(s) for s, _, _ in parsed], [p["score"] for p in expected["predictions"]],
                                    rtol=0, atol=1e-6)
 
