@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-dev serve test test-docker bench bench-gpu train evaluate loadtest soak
+.PHONY: install install-dev serve test test-docker screenshots bench bench-gpu train evaluate loadtest soak
 
 # Runtime dependencies only. The stamp makes re-runs instant until pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -33,6 +33,11 @@ test: install-dev
 # what it checks: tests/docker/compose_e2e.py).
 test-docker: install-dev
 	$(PY) -m tests.docker.compose_e2e
+
+# The demo page's screenshots in docs/images/ (the README shows them), taken by its browser test in
+# headless Chromium (Debian's chromium package) against the shipped model.
+screenshots: install-dev
+	DEMO_SCREENSHOTS_DIR=docs/images $(PY) -m pytest -q tests/browser
 
 bench: install-dev
 	$(PY) -m benchmarks.attention

@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(64, ge=1, description="most images in one request")
     preprocess_threads: int = Field(4, ge=1, description="threads that decode and preprocess images")
     warmup: bool = Field(True, description="run a forward pass at every batch size bucket before /readyz says ready")
+    demo_page: bool = Field(True, description="serve the demo page at / (its files at /static/): drop images in a "
+                                              "browser, see the top classes and heatmaps")
     log_level: str = Field("info", description="uvicorn and access log level")
 
     @field_validator("checkpoint", mode="before")

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import v2
+from . import demo, v2
 from .config import Settings
 from .errors import ServiceError, error_json
 from .routes import predict, router
@@ -120,6 +120,8 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
                               "dynamically batched.")
     app.include_router(router)
     app.include_router(v2.router)
+    if settings.demo_page:
+        demo.install(app)
     app.state.predict_route = next(r for r in router.routes if getattr(r, "path", None) == "/predict")
 
     async def handle(request: Request, error: Exception) -> JSONResponse:

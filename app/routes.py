@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from model.transforms import describe_preprocessing
+
 from .batcher import AdaptiveWindow
 from .config import Settings
 from .errors import ServiceError
@@ -60,8 +62,11 @@ async def model_info(request: Request) -> ModelInfo:
     service = service_of(request)
     engine = service.require_engine()
     settings = service.settings
+    weights = "checkpoint" if settings.checkpoint else "shipped" if engine.cfg.weights == "shipped" else "untrained"
     return ModelInfo(
         name=engine.name, version=engine.version, classes=engine.labels, input_size=list(engine.cfg.input_size),
+        preprocessing=describe_preprocessing(engine.cfg), weights=weights,
+        trained_on=(engine.cfg.trained_on or None) if weights == "shipped" else None,
         parameters=engine.parameters, backend=settings.backend, attention_backends=engine.attention_backends,
         device=str(engine.device), dtype=settings.dtype, threads=engine.threads, model_workers=engine.workers,
         graph="eager" if engine.graph is None else "traced", halo_layers=list(engine.halo_layers),

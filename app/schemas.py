@@ -94,6 +94,12 @@ class ModelInfo(BaseModel):
     version: str
     classes: List[str]
     input_size: List[int]
+    preprocessing: str = Field(description="what is done to an image sent before the model sees it")
+    weights: Literal["shipped", "checkpoint", "untrained"] = Field(
+        description="where the weights come from: the ones shipped with the service, HALO_CHECKPOINT, or none "
+                    "(random weights: the answers mean nothing)")
+    trained_on: Optional[str] = Field(description="the training data, from the model card of the shipped weights; "
+                                                  "null where the service cannot know it")
     parameters: int
     backend: str = Field(description="the configured halo attention backend (HALO_BACKEND)")
     attention_backends: List[str] = Field(description="what the halo attention layers run: the configured backend, "

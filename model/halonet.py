@@ -44,6 +44,9 @@ class PretrainedConfig:
     # How an uploaded image becomes input (model/transforms.py): "center_crop" (timm's eval transform)
     # or "fit_grayscale" (grayscale, light-on-dark, fitted into the frame: the compact model's).
     preprocess: str = "center_crop"
+    # What the shipped weights were trained on, as their model card says (model/weights/README.md);
+    # empty where the weights come from elsewhere, and only they can say.
+    trained_on: str = ""
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,7 @@ class HaloNet(nn.Module):
         self.cfg = cfg
         num_classes = cfg.pretrained.num_classes if num_classes is None else num_classes
         self.pretrained_cfg = cfg.pretrained if num_classes == cfg.pretrained.num_classes else replace(
-            cfg.pretrained, num_classes=num_classes, label_set="", weights="none")
+            cfg.pretrained, num_classes=num_classes, label_set="", weights="none", trained_on="")
         in_chans = cfg.pretrained.input_size[0]
         self.stem = Stem(in_chans, cfg)
         chs, stages = cfg.stem_chs, []
@@ -345,7 +348,10 @@ MODEL_CONFIGS: Dict[str, HaloNetConfig] = {
         stem="3x3", stem_chs=32, stem_pool=False, block_size=4, halo_size=1, num_heads=4,
         pretrained=PretrainedConfig(input_size=(1, 32, 32), interpolation="bilinear", crop_pct=1.0,
                                     mean=(0.2860,), std=(0.3530,), num_classes=10, label_set="fashion_mnist",
-                                    weights="shipped", preprocess="fit_grayscale")),
+                                    weights="shipped", preprocess="fit_grayscale",
+                                    trained_on="Fashion-MNIST (Zalando Research): 60,000 pictures of clothing, shoes "
+                                               "and bags, 28x28 grayscale, light articles centred on black; 93.3% "
+                                               "of its 10,000 test images classified right")),
 }
 
 

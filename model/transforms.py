@@ -184,6 +184,19 @@ def build_geometric_transform(cfg: PretrainedConfig) -> GeometricTransform:
     return TRANSFORMS[cfg.preprocess](cfg)
 
 
+def describe_preprocessing(cfg: PretrainedConfig) -> str:
+    """What the transform the config names does to an uploaded image, in a sentence for people."""
+    channels, height, width = cfg.input_size
+    if cfg.preprocess == "fit_grayscale":
+        side = _frame_side(cfg)
+        return (f"made grayscale (inverted when its border is light), cropped to the object that stands out from "
+                f"the background, and fitted, aspect kept, into {side}x{side} pixels inside a "
+                f"{fashion_mnist.PAD}-pixel black border ({width}x{height} in all)")
+    colour = "colour" if channels == 3 else "grayscale"
+    return (f"resized so that its shorter side is {resize_size(cfg)} pixels ({cfg.interpolation}), then its centre "
+            f"cropped to {width}x{height} ({colour}); the rest of the image is not seen")
+
+
 def build_transform(cfg: PretrainedConfig) -> Callable[[Image.Image], Tensor]:
     """The transform a model's config names: PIL image (any mode) -> normalized (C, H, W) tensor."""
     transform = build_geometric_transform(cfg)

@@ -49,6 +49,9 @@ def test_model_info(client) -> None:
     assert info["name"] == "halonet_compact" and len(info["classes"]) == 10 and info["input_size"] == [1, 32, 32]
     assert info["parameters"] > 0 and info["device"] == "cpu" and info["max_batch_size"] == 8 and info["threads"] == 1
     assert info["default_heatmap_layer"] == "stages.1.1.self_attn"
+    # Weights from HALO_CHECKPOINT (random ones here): what they were trained on is not the service's to say.
+    assert info["weights"] == "checkpoint" and info["trained_on"] is None
+    assert info["preprocessing"].startswith("made grayscale") and "28x28" in info["preprocessing"]
     assert info["backend"] == "auto" and info["attention_backends"] == ["cpp"]  # float32 on the CPU
 
 
