@@ -3,7 +3,9 @@ import base64
 import ctypes
 import hashlib
 import logging
+import math
 import os
+import threading
 import time
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
@@ -15,7 +17,7 @@ from torch import Tensor
 from model import HaloAttention, create_model, load_labels
 from model import heatmaps as heatmap_pictures
 from model.halonet import HaloNet, shipped_weights
-from model.inference import prepare_for_inference, trace_for_inference
+from model.inference import prepare_for_inference, trace_for_inference, trace_with_maps
 from model.decoding import load_image, open_image
 from model.heatmaps import SourceImage
 from model.transforms import build_geometric_transform, decode_min_side, to_mode
@@ -104,15 +106,23 @@ class Engine:
         self.halo_layers = dict(self.model.halo_layers())
         self.graph: Optional[torch.jit.ScriptModule] = None
         self.feature_sizes, self.attention_backends = self._trace_halo_layers()
-        self.graph = self._build_graph()
-        if not (settings.threads and settings.model_workers) and self.device.type == "cpu":
-            model_bound = self._batch_one_forward_seconds() > MODEL_BOUND_FORWARD_S
-            self.workers, self.threads = default_parallelism(model_bound, settings.model_workers, settings.threads)
-            torch.set_num_threads(self.threads)
         grids = {name: self._blocks(name) for name in self.halo_layers}
         multi_block = [name for name in self.halo_layers if grids[name][0] >= 2 and grids[name][1] >= 2]
         self.default_heatmap_layer: Optional[str] = multi_block[-1] if multi_block else (
             list(self.halo_layers)[-1] if self.halo_layers else None)
+        self.graph = self._build_graph()
+        # The graphs of forwards with heatmaps, by layer (None: those run eagerly). The default
+        # layer's is built here, as the warm-up runs it; another layer's on its first request, under
+        # the lock, as each costs a trace and its check (2 s for halonet26t on a core, 0.2 s for the
+        # shipped model) that most layers, never asked for, are not worth.
+        self._maps_graphs: Dict[str, Optional[torch.jit.ScriptModule]] = {}
+        self._maps_graphs_lock = threading.Lock()
+        if self.default_heatmap_layer is not None:
+            self._maps_graph(self.default_heatmap_layer)
+        if not (settings.threads and settings.model_workers) and self.device.type == "cpu":
+            model_bound = self._batch_one_forward_seconds() > MODEL_BOUND_FORWARD_S
+            self.workers, self.threads = default_parallelism(model_bound, settings.model_workers, settings.threads)
+            torch.set_num_threads(self.threads)
 
     def _trace_halo_layers(self) -> Tuple[Dict[str, Tuple[int, int]], List[str]]:
         """One forward pass at the model's input size (inputs are fixed-size): the (H, W) each halo
@@ -141,7 +151,7 @@ class Engine:
                                  "from Python); use HALO_GRAPH=eager or HALO_BACKEND=fused")
             return None
         graph = trace_for_inference(self.model, self._model_input(torch.zeros(2, *self.cfg.input_size)))
-        check = self._model_input(torch.randn(3, *self.cfg.input_size, generator=torch.Generator().manual_seed(0)))
+        check = self._check_batch()
         with torch.inference_mode():
             same = torch.equal(graph(check), self.model(check))
         if not same:
@@ -151,14 +161,55 @@ class Engine:
             return None
         return graph
 
+    def _maps_graph(self, layer: str) -> Optional[torch.jit.ScriptModule]:
+        """The traced graph of ``(logits, maps of the rows asked at layer)`` (``trace_with_maps``), built
+        on first use, or None where forwards with that layer's maps run eagerly: no graph
+        (``self.graph``), or the traced answers differ from the eager model's."""
+        if layer not in self.halo_layers:
+            raise KeyError(f"no halo attention layer {layer!r}")
+        if self.graph is None:
+            return None
+        if layer not in self._maps_graphs:  # checked again under the lock: another worker may be building it
+            with self._maps_graphs_lock:
+                if layer not in self._maps_graphs:
+                    self._maps_graphs[layer] = self._build_maps_graph(layer)
+        return self._maps_graphs[layer]
+
+    @torch.inference_mode()
+    def _build_maps_graph(self, layer: str) -> Optional[torch.jit.ScriptModule]:
+        """``trace_with_maps`` of the model at ``layer`` when its logits and maps are the eager path's
+        (``_eager_forward``), bit for bit, on a random batch where some of the rows ask; else None."""
+        started = time.perf_counter()
+        graph = trace_with_maps(self.model, layer, self._model_input(torch.zeros(2, *self.cfg.input_size)))
+        check, rows = self._check_batch(), [0, 2]
+        logits, maps = self._eager_forward(check, {layer: rows})
+        graph_logits, graph_maps = graph(check, torch.tensor(rows))
+        if not (torch.equal(graph_logits, logits)
+                and all(torch.equal(m, maps[row]) for row, m in zip(rows, graph_maps.float().cpu()))):
+            log.warning("the traced forward with the maps of %s differs from the eager model's: forwards with its "
+                        "heatmaps run eagerly", layer)
+            return None
+        log.info("traced the forward with the heatmaps of %s in %.2f s", layer, time.perf_counter() - started)
+        return graph
+
+    def _check_batch(self) -> Tensor:
+        return self._model_input(torch.randn(3, *self.cfg.input_size, generator=torch.Generator().manual_seed(0)))
+
     def _model_input(self, batch: Tensor) -> Tensor:
         return batch.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
 
     @contextmanager
     def _watching(self, layers: Iterable[str], see: Callable[[str, HaloAttention, Tensor], None]) -> Iterator[None]:
-        """Call ``see(name, layer, input)`` at every forward of the named halo layers, while inside."""
+        """Call ``see(name, layer, input)`` at every forward of the named halo layers in this thread, while
+        inside: the hooks are on the model that every worker runs, and another worker's forward is not ours."""
+        owner = threading.get_ident()
+
+        def hook(name: str, layer: HaloAttention, inputs: Tuple[Tensor, ...]) -> None:
+            if threading.get_ident() == owner:
+                see(name, layer, inputs[0])
+
         handles = [self.halo_layers[name].register_forward_hook(
-            lambda layer, inputs, _output, name=name: see(name, layer, inputs[0])) for name in layers]
+            lambda layer, inputs, _output, name=name: hook(name, layer, inputs)) for name in layers]
         try:
             yield
         finally:
@@ -204,10 +255,17 @@ class Engine:
         tensor, geometry = self.transform(image)
         header = open_image(data, max_pixels=self.settings.max_pixels, formats=ACCEPTED_FORMATS).size
         turned = (header[0] > header[1]) != (image.width > image.height) and header[0] != header[1]
-        geometry = geometry.resized(header[::-1] if turned else header)  # a large JPEG decodes reduced
+        upright = header[::-1] if turned else header
+        geometry = geometry.resized(upright)  # a large JPEG decodes reduced
         picture = None
         if picture_side is not None:
-            picture = to_mode(image, 3).copy()
+            drawn = image
+            if max(image.size) < min(picture_side, max(upright)):
+                # Decoded too reduced to draw on at the size asked: decoded again, larger, for the picture
+                # only; the model's input stays the one every request of this file gets.
+                drawn = load_image(data, max_pixels=self.settings.max_pixels, formats=ACCEPTED_FORMATS,
+                                   min_side=math.ceil(picture_side * min(upright) / max(upright)))
+            picture = to_mode(drawn, 3).copy()
             picture.thumbnail((picture_side, picture_side), Image.Resampling.LANCZOS)
         return tensor, SourceImage(geometry, picture)
 
@@ -218,25 +276,44 @@ class Engine:
     def forward(self, batch: Tensor, heatmap_layers: Sequence[Optional[str]]) -> Tuple[Tensor, List[Optional[Tensor]]]:
         """Class probabilities (B, classes) and, for each row that names a halo layer, that layer's
         per-block maps (blocks, win, win); None for the other rows. The maps come from the same
-        forward: the layer's input, for those rows only, through its map-returning path. A batch
-        without maps runs the traced graph when there is one; one with maps runs eagerly (hooks)."""
-        maps: List[Optional[Tensor]] = [None] * len(batch)
+        forward: the layer's input, for those rows only, through its map-returning path (a second
+        pass of that one layer for those rows, never the batch).
+
+        Where there is a traced graph (``self.graph``), a batch without maps runs it, and a batch
+        whose rows ask for one layer runs that layer's graph, which also returns those rows' maps
+        (``_maps_graph``: the eager answers, bit for bit). A batch asking for several layers runs
+        eagerly, with a hook on each, as does every batch with maps where there is no graph (triton,
+        HALO_GRAPH=eager): requests asking for different layers, batched together, are too rare to be
+        worth a graph for each set of layers."""
         rows_of: Dict[str, List[int]] = {}
         for row, layer in enumerate(heatmap_layers):
             if layer is not None:
                 rows_of.setdefault(layer, []).append(row)
+        x = self._model_input(batch)
+        graph = self._maps_graph(next(iter(rows_of))) if len(rows_of) == 1 else None
+        if graph is not None:
+            (rows,) = rows_of.values()
+            logits, layer_maps = graph(x, torch.tensor(rows))
+            maps: List[Optional[Tensor]] = [None] * len(batch)
+            for row, row_maps in zip(rows, layer_maps.float().cpu()):
+                maps[row] = row_maps
+        elif self.graph is not None and not rows_of:
+            logits, maps = self.graph(x), [None] * len(batch)
+        else:
+            logits, maps = self._eager_forward(x, rows_of)
+        return logits.float().softmax(-1).cpu(), maps
 
-        def keep_maps(name: str, layer: HaloAttention, x: Tensor) -> None:
+    def _eager_forward(self, x: Tensor, rows_of: Dict[str, List[int]]) -> Tuple[Tensor, List[Optional[Tensor]]]:
+        """Logits of the eager model and the maps of ``rows_of`` (rows by layer), from hooks on the layers."""
+        maps: List[Optional[Tensor]] = [None] * len(x)
+
+        def keep_maps(name: str, layer: HaloAttention, layer_input: Tensor) -> None:
             rows = rows_of[name]
-            for row, row_maps in zip(rows, layer.forward_with_maps(x[rows])[1].float().cpu()):
+            for row, row_maps in zip(rows, layer.forward_with_maps(layer_input[rows])[1].float().cpu()):
                 maps[row] = row_maps
 
-        x = self._model_input(batch)
-        if self.graph is not None and not rows_of:
-            return self.graph(x).float().softmax(-1).cpu(), maps
         with self._watching(rows_of, keep_maps):
-            probs = self.model(x).float().softmax(-1).cpu()
-        return probs, maps
+            return self.model(x), maps
 
     def top_k(self, probs: Tensor, k: int) -> List[dict]:
         scores, indices = probs.topk(k)

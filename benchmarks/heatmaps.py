@@ -4,10 +4,11 @@ side in one run, and the per-image work of the heatmap payload.
 For each model (prepared as the service prepares it, ``app.engine.Engine``): ``Engine.forward`` on a
 batch of 1 and of 16 where no image asks for heatmaps, against the same batch where one image
 asks (its layer's maps come from the same forward: that layer's input, for that row only, through
-the map-returning path; a batch with maps runs eagerly rather than as the traced graph), timed in
-alternation. Then the payload of one image, built in the preprocessing pool, not the model thread:
-numbers (``array``) and pictures (``png``, drawn on a photo at ``heatmap_max_side`` 512), with the
-PNGs' bytes.
+the map-returning path; where the model is traced, a forward with one layer's maps runs a traced
+graph of its own that returns them too, ``Engine._maps_graph``), timed in alternation: what it
+costs beyond x1 is that second pass of one layer for one row. Then the payload of one image,
+built in the preprocessing pool, not the model thread: numbers (``array``) and pictures (``png``,
+drawn on a photo at ``heatmap_max_side`` 512), with the PNGs' bytes.
 
     python -m benchmarks.heatmaps                            # halonet_compact and halonet26t
     python -m benchmarks.heatmaps --models halonet26t --batch 1 16 --json heatmaps.json
@@ -73,8 +74,11 @@ def main() -> None:
     results: Dict[str, list] = dict(forward=[], payload=[])
     for name in args.models:
         engine = Engine(Settings(model=name, threads=args.threads, model_workers=1))
+        # HaloAttention.forward_with_maps: the Triton kernel writes maps in its pass; other backends' have none.
+        maps_from = "the triton kernel" if engine.attention_backends == ["triton"] else "the reference path"
         print(f"{name}: halo attention {', '.join(engine.attention_backends)}, graph "
-              f"{'traced' if engine.graph is not None else 'eager'}, heatmap layer {engine.default_heatmap_layer}")
+              f"{'traced' if engine.graph is not None else 'eager'}, heatmap layer {engine.default_heatmap_layer}, "
+              f"maps from {maps_from}")
         results["forward"] += forward_rows(engine, args.batch, args.rounds, args.seconds)
         results["payload"].append(payload_row(engine, args.rounds, args.seconds))
     if args.json:

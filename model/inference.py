@@ -1,6 +1,7 @@
 """Turning a trained HaloNet into a fast inference model: BN folding, layout, precision, compile, trace."""
+import threading
 import warnings
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +55,7 @@ def prepare_for_inference(
 
 
 @torch.inference_mode()
-def trace_for_inference(model: nn.Module, example: Tensor) -> torch.jit.ScriptModule:
+def trace_for_inference(model: nn.Module, example: Union[Tensor, Tuple[Tensor, ...]]) -> torch.jit.ScriptModule:
     """The prepared model as one frozen TorchScript graph, which runs the whole forward in C++.
 
     Why: an eager forward returns to Python between its few hundred ops and takes the GIL each
@@ -67,8 +68,48 @@ def trace_for_inference(model: nn.Module, example: Tensor) -> torch.jit.ScriptMo
     ``fused`` and ``reference`` attention backends, not ``triton`` (a kernel launched from Python).
     ``torch.jit`` is deprecated upstream and still the one way here to a Python-free CPU forward
     without a compiler at start-up; its warnings about that and about the checks are silenced.
+    Its own check of the trace is off: it ran the model twice more, 2-3 s of halonet26t's start-up,
+    to compare to a tolerance what the caller compares bit for bit (``app.engine.Engine``).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        return torch.jit.freeze(torch.jit.trace(model, example))
+        return torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
+
+
+class _WithMaps(nn.Module):
+    """``model``'s output and, for the rows given, the maps of its halo attention layer named ``layer``
+    (which runs once per forward): that layer run again, through ``forward_with_maps``, on what it
+    was given, for those rows only."""
+
+    def __init__(self, model: nn.Module, layer: str):
+        super().__init__()
+        self.model = model
+        self.layer = layer
+
+    def forward(self, x: Tensor, rows: Tensor) -> Tuple[Tensor, Tensor]:
+        layer, tracing, seen = self.model.get_submodule(self.layer), threading.get_ident(), []
+
+        def catch(_layer: nn.Module, inputs: Tuple[Tensor, ...]) -> None:
+            if threading.get_ident() == tracing:  # the model is shared: another thread's forward is not ours
+                seen.append(inputs[0])
+
+        handle = layer.register_forward_pre_hook(catch)
+        try:
+            out = self.model(x)
+        finally:
+            handle.remove()
+        return out, layer.forward_with_maps(seen[-1][rows])[1]
+
+
+def trace_with_maps(model: nn.Module, layer: str, example: Tensor) -> torch.jit.ScriptModule:
+    """``trace_for_inference`` of a forward that also returns the attention maps of the halo layer
+    named ``layer`` for some rows: ``graph(x, rows)`` is ``(model(x), maps)``, maps (len(rows),
+    blocks, win, win) from ``forward_with_maps`` of the layer's input at those rows (int64, any
+    number of them). The hook that catches that input runs at trace time only: the tracer records
+    its tensor as any other. Why: at batch 1, the shipped model's forward with one image's maps
+    took x1.9 the traced forward without when it ran eagerly with a hook on the layer (Python between
+    ops); x1.45 with the map pass run eagerly after a traced forward; x1.2-1.3 with that pass traced
+    in the same graph (benchmarks/heatmaps.py).
+    """
+    return trace_for_inference(_WithMaps(model, layer).eval(), (example, torch.zeros(1, dtype=torch.int64)))

@@ -113,6 +113,11 @@ def test_heatmaps_say_where_the_input_lies_in_the_image_sent_and_draw_on_it(clie
                       files=[("file", ("p.jpg", photo))]).json()["results"][0]["heatmaps"]
     assert Image.open(io.BytesIO(base64.b64decode(png["overlay_png"]))).size == (300, 150)
     assert png["mapping"] == mapping
+    # Larger than the reduced decode (600 x 300): the picture is decoded again, the model's input is not.
+    large = client.post("/predict?heatmaps=true&heatmap_format=png&heatmap_max_side=1000",
+                        files=[("file", ("p.jpg", photo))]).json()["results"][0]
+    assert Image.open(io.BytesIO(base64.b64decode(large["heatmaps"]["overlay_png"]))).size == (1000, 500)
+    assert large["predictions"] == array["results"][0]["predictions"]
 
 
 @pytest.mark.parametrize("query", ["top_k=2", "heatmaps=true", "heatmaps=true&heatmap_format=png"])

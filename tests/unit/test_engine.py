@@ -1,12 +1,16 @@
 """The engine's default parallelism: every usable core but one for one model worker, never fewer
 than one thread; one single-thread worker per core for a model whose forward dominates the request
-path; the settings' choices kept."""
+path; the settings' choices kept. The traced graphs answer as the eager model does, bit for bit,
+probabilities and heatmaps."""
 import os
+import threading
+from typing import List, Optional, Tuple
 
 import pytest
 import torch
 
-from app.engine import default_parallelism
+from app.config import Settings
+from app.engine import Engine, default_parallelism
 
 
 @pytest.fixture
@@ -39,12 +43,19 @@ def test_the_settings_choices_are_kept(cores, model_bound: bool, workers: int, t
     assert default_parallelism(model_bound, workers, threads) == expected
 
 
+def traced_and_eager_engines(model: str) -> Tuple[Engine, Engine]:
+    """The model traced and eager, with the same weights: the shipped ones, or the same random ones."""
+    engines = []
+    for graph in ("auto", "eager"):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            engines.append(Engine(Settings(model=model, threads=1, model_workers=1, warmup=False, graph=graph)))
+    return engines[0], engines[1]
+
+
 @pytest.fixture(scope="module")
 def traced_and_eager():
-    from app.config import Settings
-    from app.engine import Engine
-    return (Engine(Settings(threads=1, model_workers=1, warmup=False)),
-            Engine(Settings(threads=1, model_workers=1, warmup=False, graph="eager")))
+    return traced_and_eager_engines("halonet_compact")
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
@@ -55,14 +66,60 @@ def test_the_traced_graph_answers_as_the_eager_model_bit_for_bit(traced_and_eage
     assert torch.equal(traced.forward(images, [None] * batch)[0], eager.forward(images, [None] * batch)[0])
 
 
-def test_rows_with_heatmaps_get_the_eager_maps_and_the_others_the_graphs_answers(traced_and_eager) -> None:
+def assert_same_answers(traced: Engine, eager: Engine, images: torch.Tensor, layers: List[Optional[str]]) -> None:
+    probs, maps = traced.forward(images, layers)
+    eager_probs, eager_maps = eager.forward(images, layers)
+    assert torch.equal(probs, eager_probs)
+    for layer, row_maps, eager_row_maps in zip(layers, maps, eager_maps):
+        assert (row_maps is None) == (layer is None) and (eager_row_maps is None) == (layer is None)
+        assert layer is None or torch.equal(row_maps, eager_row_maps)
+
+
+@pytest.mark.parametrize("batch, rows", [(1, [0]), (3, [1]), (8, [0, 5, 7])])
+def test_rows_with_heatmaps_get_the_eager_maps_and_the_others_the_graphs_answers(
+        traced_and_eager, batch: int, rows: List[int]) -> None:
     traced, eager = traced_and_eager
     layer = traced.default_heatmap_layer
-    images = torch.randn(3, *traced.cfg.input_size, generator=torch.Generator().manual_seed(7))
-    probs, maps = traced.forward(images, [None, layer, None])
-    eager_probs, eager_maps = eager.forward(images, [None, layer, None])
-    assert torch.equal(probs, eager_probs) and torch.equal(maps[1], eager_maps[1])
-    assert maps[0] is None and maps[2] is None
+    images = torch.randn(batch, *traced.cfg.input_size, generator=torch.Generator().manual_seed(7))
+    assert_same_answers(traced, eager, images, [layer if row in rows else None for row in range(batch)])
+    assert traced._maps_graphs[layer] is not None  # built at start-up, and what answered
+
+
+def test_another_layers_graph_is_built_on_its_first_request_and_answers_as_the_eager_model(traced_and_eager) -> None:
+    traced, eager = traced_and_eager
+    layer = next(name for name in traced.halo_layers if name != traced.default_heatmap_layer)
+    assert layer not in traced._maps_graphs
+    images = torch.randn(4, *traced.cfg.input_size, generator=torch.Generator().manual_seed(8))
+    assert_same_answers(traced, eager, images, [None, layer, layer, None])
+    assert traced._maps_graphs[layer] is not None
+
+
+def test_a_batch_asking_for_several_layers_gets_the_eager_answers(traced_and_eager) -> None:
+    traced, eager = traced_and_eager
+    first, *_, last = traced.halo_layers
+    images = torch.randn(3, *traced.cfg.input_size, generator=torch.Generator().manual_seed(9))
+    assert_same_answers(traced, eager, images, [last, None, first])
+
+
+def test_a_timm_size_model_with_heatmaps_answers_as_the_eager_model() -> None:
+    traced, eager = traced_and_eager_engines("halonet26t")  # random weights; one batch of 2, as it is slow
+    layer = traced.default_heatmap_layer
+    assert traced.graph is not None and traced._maps_graphs[layer] is not None
+    images = torch.randn(2, *traced.cfg.input_size, generator=torch.Generator().manual_seed(10))
+    assert_same_answers(traced, eager, images, [None, layer])
+
+
+def test_the_hooks_of_the_eager_path_see_their_own_threads_forwards_only(traced_and_eager) -> None:
+    _, eager = traced_and_eager
+    seen = []
+    images = torch.zeros(1, *eager.cfg.input_size)
+    with eager._watching([eager.default_heatmap_layer], lambda name, _layer, _x: seen.append(name)):
+        other = threading.Thread(target=eager.forward, args=(images, [None]))
+        other.start()
+        other.join()
+        assert not seen
+        eager.forward(images, [None])
+    assert seen == [eager.default_heatmap_layer]
 
 
 def test_the_warm_up_returns_the_seconds_of_each_batch_size(traced_and_eager) -> None:
