@@ -33,13 +33,13 @@ def _digest(data: bytes) -> str:
 class DemoPage:
     """index.html with its assets' links versioned by their digests, read once at start."""
 
-    def __init__(self, directory: Path = STATIC_DIR):
-        self.digests: Dict[str, str] = {name: _digest((directory / name).read_bytes()) for name in ASSETS}
-        html = (directory / "index.html").read_text()
+    def __init__(self):
+        self.digests: Dict[str, str] = {name: _digest((STATIC_DIR / name).read_bytes()) for name in ASSETS}
+        html = (STATIC_DIR / "index.html").read_text()
         for name, digest in self.digests.items():
             link = f'"/static/{name}"'
             if link not in html:
-                raise ValueError(f"{directory / 'index.html'} does not link {link}")
+                raise ValueError(f"{STATIC_DIR / 'index.html'} does not link {link}")
             html = html.replace(link, f'"/static/{name}?v={digest}"')
         self.html = html.encode()
         self.etag = f'"{_digest(self.html)}"'

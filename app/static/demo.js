@@ -37,6 +37,10 @@ async function errorMessage(response) {
   return `${response.status} ${response.statusText || "error"}`;
 }
 
+function pause(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
 async function loadModel() {
   const status = $("model-status");
   for (let attempt = 0; attempt < READY_TRIES; attempt += 1) {
@@ -45,7 +49,7 @@ async function loadModel() {
       response = await fetch("/v1/model", { headers: { accept: "application/json" } });
     } catch (error) {
       status.textContent = `The service does not answer (${error.message}); trying again…`;
-      await new Promise((resolve) => setTimeout(resolve, 1000));
+      await pause(1000);
       continue;
     }
     if (response.ok) {
@@ -54,7 +58,7 @@ async function loadModel() {
       return;
     }
     status.textContent = `The model is not ready yet (${await errorMessage(response)}); trying again…`;
-    await new Promise((resolve) => setTimeout(resolve, 1000));
+    await pause(1000);
   }
   status.textContent = "The model did not become ready; reload the page to try again.";
 }
