@@ -7,8 +7,7 @@ import math
 import os
 import threading
 import time
-from contextlib import contextmanager
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -17,7 +16,8 @@ from torch import Tensor
 from model import HaloAttention, create_model, load_labels
 from model import heatmaps as heatmap_pictures
 from model.halonet import HaloNet, shipped_weights
-from model.inference import prepare_for_inference, trace_for_inference, trace_with_maps
+from model.inference import (halo_layer_inputs, prepare_for_inference, seeing_inputs, trace_for_inference,
+                             trace_with_maps)
 from model.decoding import load_image, open_image
 from model.heatmaps import SourceImage
 from model.transforms import build_geometric_transform, decode_min_side, to_mode
@@ -84,7 +84,10 @@ def default_parallelism(model_bound: bool, workers: int = 0, threads: int = 0) -
 
 
 class Engine:
-    """Loads the configured model once; every method below is safe to call from worker threads."""
+    """Loads the configured model once (``__init__``, in one thread). After that every method below may be
+    called from several worker threads at once: forwards only read the shared model, the hooks of the
+    eager path act in their own thread only (``model.inference.seeing_inputs``), and each layer's
+    heatmap graph is built once, under a lock."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -105,7 +108,8 @@ class Engine:
             str(i) for i in range(self.cfg.num_classes)]
         self.halo_layers = dict(self.model.halo_layers())
         self.graph: Optional[torch.jit.ScriptModule] = None
-        self.feature_sizes, self.attention_backends = self._trace_halo_layers()
+        self.feature_sizes, self.layer_backends = self._halo_layer_sizes_and_backends()
+        self.attention_backends: List[str] = sorted(set(self.layer_backends.values()))
         grids = {name: self._blocks(name) for name in self.halo_layers}
         multi_block = [name for name in self.halo_layers if grids[name][0] >= 2 and grids[name][1] >= 2]
         self.default_heatmap_layer: Optional[str] = multi_block[-1] if multi_block else (
@@ -124,19 +128,14 @@ class Engine:
             self.workers, self.threads = default_parallelism(model_bound, settings.model_workers, settings.threads)
             torch.set_num_threads(self.threads)
 
-    def _trace_halo_layers(self) -> Tuple[Dict[str, Tuple[int, int]], List[str]]:
-        """One forward pass at the model's input size (inputs are fixed-size): the (H, W) each halo
-        attention layer sees, and the backends they run (what "auto" resolves to), sorted."""
-        sizes: Dict[str, Tuple[int, int]] = {}
-        backends: Set[str] = set()
-
-        def see(name: str, layer: HaloAttention, x: Tensor) -> None:
-            sizes[name] = tuple(x.shape[-2:])
-            backends.add(layer.backend_for(x))
-
-        with self._watching(self.halo_layers, see):
-            self.forward(torch.zeros(1, *self.cfg.input_size), [None])
-        return sizes, sorted(backends)
+    def _halo_layer_sizes_and_backends(self) -> Tuple[Dict[str, Tuple[int, int]], Dict[str, str]]:
+        """By halo attention layer: the (H, W) it sees at the model's input size (inputs are fixed-size),
+        from one batch-1 pass, and the backend its dispatch picks ("auto" resolved) for such an input."""
+        inputs = halo_layer_inputs(self.model, self._model_input(torch.zeros(1, *self.cfg.input_size)))
+        sizes = {name: (shape[-2], shape[-1]) for name, shape in inputs.items()}
+        backends = {name: self.halo_layers[name].backend_for(torch.empty(shape, device=self.device, dtype=self.dtype))
+                    for name, shape in inputs.items()}
+        return sizes, backends
 
     def _build_graph(self) -> Optional[torch.jit.ScriptModule]:
         """The model traced into one graph (``trace_for_inference``: a forward that does not take
@@ -197,24 +196,6 @@ class Engine:
 
     def _model_input(self, batch: Tensor) -> Tensor:
         return batch.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-
-    @contextmanager
-    def _watching(self, layers: Iterable[str], see: Callable[[str, HaloAttention, Tensor], None]) -> Iterator[None]:
-        """Call ``see(name, layer, input)`` at every forward of the named halo layers in this thread, while
-        inside: the hooks are on the model that every worker runs, and another worker's forward is not ours."""
-        owner = threading.get_ident()
-
-        def hook(name: str, layer: HaloAttention, inputs: Tuple[Tensor, ...]) -> None:
-            if threading.get_ident() == owner:
-                see(name, layer, inputs[0])
-
-        handles = [self.halo_layers[name].register_forward_hook(
-            lambda layer, inputs, _output, name=name: hook(name, layer, inputs)) for name in layers]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _batch_one_forward_seconds(self) -> float:
         """The fastest of three batch-1 forwards (after the trace's, which warmed the model up): the
@@ -312,7 +293,7 @@ class Engine:
             for row, row_maps in zip(rows, layer.forward_with_maps(layer_input[rows])[1].float().cpu()):
                 maps[row] = row_maps
 
-        with self._watching(rows_of, keep_maps):
+        with seeing_inputs(self.model, rows_of, keep_maps):
             return self.model(x), maps
 
     def top_k(self, probs: Tensor, k: int) -> List[dict]:

@@ -1,8 +1,8 @@
 """Halo attention speed: timm's ``HaloAttn`` against ours, same weights, side by side in one run.
 
-The shapes are read off timm's own models (a forward hook on every ``HaloAttn`` of
-``halonet_h1`` and ``halonet26t`` at 256 px), so they are exactly the layers users run; on GPU
-the paper's HaloNet-H4 layers at 384 px (from our registry) are added. Every row times its implementations
+The shapes are read off timm's own models (the input of every ``HaloAttn`` of ``halonet_h1`` and
+``halonet26t`` at 256 px, ``model.inference.halo_layer_inputs``), so they are exactly the layers users
+run; on GPU the paper's HaloNet-H4 layers at 384 px (from our registry) are added. Every row times its implementations
 alternately, several rounds, and reports medians, ratios and the largest absolute difference
 from timm's output.
 
@@ -22,6 +22,7 @@ from timm.layers.halo_attn import HaloAttn
 from benchmarks.timing import add_common_arguments, check_device, geomean, time_alternating
 from model import HaloAttention, create_model
 from model.attention import reference
+from model.inference import halo_layer_inputs
 
 MODELS = ("halonet_h1", "halonet26t")
 
@@ -50,37 +51,25 @@ def timm_layer_shapes(model_name: str, image_size: int = 256) -> List[LayerShape
 
     net = timm.create_model(model_name).eval()
     shapes: Dict[LayerShape, None] = {}
-
-    def record(layer: HaloAttn, inputs: Tuple[torch.Tensor], _output: torch.Tensor) -> None:
+    for name, shape in halo_layer_inputs(net, torch.zeros(1, 3, image_size, image_size), HaloAttn).items():
+        layer = net.get_submodule(name)
         stride = 2 if layer.block_stride == 2 or not isinstance(layer.pool, torch.nn.Identity) else 1
         shapes[LayerShape(
             model_name, layer.q.in_channels, layer.dim_out_v, stride, layer.num_heads, layer.dim_head_qk,
-            layer.block_size, layer.halo_size, inputs[0].shape[2], inputs[0].shape[3])] = None
-
-    for module in net.modules():
-        if isinstance(module, HaloAttn):
-            module.register_forward_hook(record)
-    with torch.no_grad():
-        net(torch.zeros(1, 3, image_size, image_size))
+            layer.block_size, layer.halo_size, shape[2], shape[3])] = None
     return list(shapes)
 
 
 def registry_layer_shapes(model_name: str) -> List[LayerShape]:
     """Distinct halo attention layers of one of our registry's models at its own input size."""
     net = create_model(model_name).eval()
-    size = net.pretrained_cfg.input_size
     shapes: Dict[LayerShape, None] = {}
-
-    def record(layer: HaloAttention, inputs: Tuple[torch.Tensor], _output: torch.Tensor) -> None:
+    for name, shape in halo_layer_inputs(net, torch.zeros(1, *net.pretrained_cfg.input_size)).items():
+        layer = net.get_submodule(name)
         s = layer.spec
         stride = 2 if s.block_stride == 2 or s.avg_pool else 1
         shapes[LayerShape(model_name, layer.dim, s.num_heads * s.dim_head_v, stride, s.num_heads, s.dim_head_qk,
-                          s.block_size, s.halo_size, inputs[0].shape[2], inputs[0].shape[3])] = None
-
-    for _, layer in net.halo_layers():
-        layer.register_forward_hook(record)
-    with torch.no_grad():
-        net(torch.zeros(1, *size))
+                          s.block_size, s.halo_size, shape[2], shape[3])] = None
     return list(shapes)
 
 
@@ -136,24 +125,14 @@ def run_cpu(batches: List[int], backend: str, rounds: int, min_seconds: float,
 
 
 def _unfolded_sdpa_inputs(layer: HaloAttention, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """The best stock-op baseline's inputs, built untimed: per-block queries, materialized windows,
-    and the relative-position logits as an additive mask (from the reference path's index tables)."""
+    """The best stock-op baseline's inputs, built untimed: the reference path's per-block queries and
+    materialized windows, and its relative-position logits as an additive mask, images x heads flattened."""
     spec, w = layer.spec, layer.weights()
-    B, _, H, W = x.shape
-    heads, dk, dv, bq, win = spec.num_heads, spec.dim_head_qk, spec.dim_head_v, spec.query_block_size, spec.win_size
-    nh, nw = H // spec.block_size, W // spec.block_size
-    q = torch.nn.functional.conv2d(x, w.q_weight, w.q_bias, stride=spec.block_stride)
-    q = q.reshape(B, heads, dk, nh, bq, nw, bq).permute(0, 1, 3, 5, 4, 6, 2).reshape(B * heads, nh * nw, bq * bq, dk)
-    kv = torch.nn.functional.pad(torch.nn.functional.conv2d(x, w.kv_weight, w.kv_bias), [spec.halo_size] * 4)
-    kv = kv.unfold(2, win, spec.block_size).unfold(3, win, spec.block_size)
-    kv = kv.reshape(B * heads, dk + dv, nh * nw, win * win).permute(0, 2, 3, 1)
-    k, v = (t.contiguous() for t in kv.split([dk, dv], dim=-1))
-    height_index, width_index = reference.relative_position_index(bq, win, x.device)
-    mask = (torch.einsum("bnqd,qkd->bnqk", q, w.height_rel[height_index])
-            + torch.einsum("bnqd,qkd->bnqk", q, w.width_rel[width_index]))
+    q, k, v = reference.queries_and_windows(x, w, spec)
+    mask = reference.position_logits(q, w, spec)
     if spec.scale_pos_embed:
         mask = mask * spec.scale
-    return q.contiguous(), k, v, mask.contiguous()
+    return tuple(t.flatten(0, 1).contiguous() for t in (q, k, v, mask))
 
 
 def run_gpu(shapes: List[LayerShape], batch: int, dtypes: List[torch.dtype], rounds: int, min_seconds: float,

@@ -3,8 +3,9 @@
 A small builder of our own: each architecture is data (``HaloNetConfig``: stem, stages of
 bottleneck ("B") and halo self-attention ("S") blocks, activation, channel attention), built
 by the few module classes below. Module and parameter names mirror timm's ``byobnet`` exactly
-where weights live, so timm checkpoints of the same names load strictly; nothing else of timm's
-generic machinery is reproduced.
+where weights live, so the current timm weights of the same names load strictly (which ones:
+``model.checkpoint``, which refuses the 2021 ``halonet26t`` layout); nothing else of timm's generic
+machinery is reproduced.
 
 Three kinds of entries:
 
@@ -20,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from torch import Tensor, nn
 
-from .attention import HaloAttention
+from .attention import HaloAttention, make_divisible
 from .checkpoint import load_checkpoint
 
 LABELS_DIR = Path(__file__).parent / "labels"
@@ -75,12 +76,6 @@ class HaloNetConfig:
     attn_ratio: float = 1.0  # attention output width relative to the block's bottleneck width (r_v)
     num_features: int = 0  # width of a final 1x1 conv before the head; 0 = none
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
-
-
-def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
-    """Nearest multiple of ``divisor``, not below ``round_limit`` of ``value`` (timm's rounding)."""
-    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < round_limit * value else rounded
 
 
 def _activation(name: str) -> nn.Module:
@@ -308,7 +303,7 @@ _IMAGENET_256 = PretrainedConfig(input_size=(3, 256, 256), crop_pct=0.95)
 _IMAGENET_256_94 = PretrainedConfig(input_size=(3, 256, 256), crop_pct=0.94)
 
 MODEL_CONFIGS: Dict[str, HaloNetConfig] = {
-    # timm-compatible (state dicts of timm's models of the same names load strictly).
+    # timm-compatible (state dicts of timm's current models of the same names load strictly).
     "halonet_h1": HaloNetConfig(
         stages=(StageConfig(64, 1, "SSS", 1.0), StageConfig(128, 2, "SSS", 1.0),
                 StageConfig(256, 2, "S" * 10, 1.0), StageConfig(512, 2, "SSS", 1.0)),

@@ -1,11 +1,14 @@
-"""Turning a trained HaloNet into a fast inference model: BN folding, layout, precision, compile, trace."""
+"""Turning a trained HaloNet into a fast inference model: BN folding, layout, precision, compile, trace;
+and what a forward gives its halo attention layers (their inputs, seen by hooks)."""
 import threading
 import warnings
-from typing import Optional, Tuple, Union
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
 
+from .attention import HaloAttention
 from .halonet import ConvNormAct
 
 
@@ -77,6 +80,40 @@ def trace_for_inference(model: nn.Module, example: Union[Tensor, Tuple[Tensor, .
         return torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
 
 
+@contextmanager
+def seeing_inputs(model: nn.Module, names: Iterable[str],
+                  see: Callable[[str, nn.Module, Tensor], None]) -> Iterator[None]:
+    """While inside, ``see(name, layer, input)`` before every forward of the submodules named, in this
+    thread only: a model may be shared by threads (the service's workers), and another thread's
+    forward is not ours. Pre-hooks, as PyTorch runs a snapshot of them: registering or removing one
+    while another thread runs the model is safe, and that thread's calls of it do nothing."""
+    owner = threading.get_ident()
+
+    def hook(name: str, layer: nn.Module, inputs: Tuple[Tensor, ...]) -> None:
+        if threading.get_ident() == owner:
+            see(name, layer, inputs[0])
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda layer, inputs, name=name: hook(name, layer, inputs)) for name in names]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def halo_layer_inputs(model: nn.Module, x: Tensor,
+                      layer_type: Type[nn.Module] = HaloAttention) -> Dict[str, torch.Size]:
+    """The input shape of every ``layer_type`` submodule (ours, or timm's ``HaloAttn``) in one forward of
+    ``x`` without gradients, by module name, in forward order."""
+    shapes: Dict[str, torch.Size] = {}
+    names = [name for name, module in model.named_modules() if isinstance(module, layer_type)]
+    with seeing_inputs(model, names, lambda name, _layer, layer_input: shapes.setdefault(name, layer_input.shape)):
+        model(x)
+    return shapes
+
+
 class _WithMaps(nn.Module):
     """``model``'s output and, for the rows given, the maps of its halo attention layer named ``layer``
     (which runs once per forward): that layer run again, through ``forward_with_maps``, on what it
@@ -88,18 +125,10 @@ class _WithMaps(nn.Module):
         self.layer = layer
 
     def forward(self, x: Tensor, rows: Tensor) -> Tuple[Tensor, Tensor]:
-        layer, tracing, seen = self.model.get_submodule(self.layer), threading.get_ident(), []
-
-        def catch(_layer: nn.Module, inputs: Tuple[Tensor, ...]) -> None:
-            if threading.get_ident() == tracing:  # the model is shared: another thread's forward is not ours
-                seen.append(inputs[0])
-
-        handle = layer.register_forward_pre_hook(catch)
-        try:
+        seen = []
+        with seeing_inputs(self.model, [self.layer], lambda _name, _layer, layer_input: seen.append(layer_input)):
             out = self.model(x)
-        finally:
-            handle.remove()
-        return out, layer.forward_with_maps(seen[-1][rows])[1]
+        return out, self.model.get_submodule(self.layer).forward_with_maps(seen[-1][rows])[1]
 
 
 def trace_with_maps(model: nn.Module, layer: str, example: Tensor) -> torch.jit.ScriptModule:

@@ -6,14 +6,17 @@ One module, several backends, one dispatch point (``HaloAttention.backend_for``)
 - ``fused``: the fast path in PyTorch ops (CPU and any device); trainable.
 - ``cpp``: the compiled CPU kernel (float32; built on first use); inference only.
 - ``triton``: the fused GPU kernel (CUDA, or emulated with ``TRITON_INTERPRET=1``); inference only.
-- ``auto``: for inference, ``triton`` on CUDA inputs when Triton is installed and ``cpp`` on
-  float32 CPU inputs when the kernel builds; else ``fused``.
+- ``auto``: the first of ``triton`` (CUDA inputs), ``cpp`` (CPU inputs) and ``fused`` that can run
+  the call: so for inference ``triton`` on CUDA when Triton is installed, ``cpp`` for float32 on
+  the CPU when the kernel builds; ``fused`` for anything that needs gradients.
 
-A backend that cannot run is never replaced silently by a slower one: forcing it raises, and
-when ``auto`` cannot build the C++ kernel it logs why, once. The one routing rule: the
-compiled kernels have no backward, so a call that needs gradients runs ``fused``.
+Each backend is a ``Backend``: its function and its ``unavailable_reason(x, needs_grad)``, which
+says why it cannot run a call (device, dtype, gradients: the compiled kernels have no backward, a
+failed build). ``compatible_backends`` lists those that can. A backend that cannot run is never
+replaced silently by another: forcing it raises ``BackendUnavailable``, and when ``auto`` cannot
+build the C++ kernel it logs why, once.
 """
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -22,31 +25,58 @@ from . import cpp, fused, reference
 from . import triton as triton_kernel
 from .spec import HaloSpec, HaloWeights
 
-__all__ = ["HaloAttention", "BACKENDS", "HaloSpec", "HaloWeights"]
+__all__ = ["HaloAttention", "BACKENDS", "Backend", "BackendUnavailable", "HaloSpec", "HaloWeights",
+           "compatible_backends", "make_divisible"]
 
-Backend = Callable[[Tensor, HaloWeights, HaloSpec], Tensor]
+
+def _runs_anything(x: Tensor, needs_grad: bool) -> Optional[str]:
+    return None  # PyTorch ops on any device and dtype, differentiable
+
+
+class Backend(NamedTuple):
+    """One implementation: ``run(x, weights, spec) -> output``, and why it cannot run ``x`` (None: it can)."""
+
+    run: Callable[[Tensor, HaloWeights, HaloSpec], Tensor]
+    unavailable_reason: Callable[[Tensor, bool], Optional[str]]
+
 
 BACKENDS: Dict[str, Backend] = {
-    "reference": lambda x, weights, spec: reference.halo_attention(x, weights, spec)[0],
-    "fused": fused.halo_attention,
-    "cpp": cpp.halo_attention,
-    "triton": triton_kernel.halo_attention,
+    "reference": Backend(lambda x, weights, spec: reference.halo_attention(x, weights, spec)[0], _runs_anything),
+    "fused": Backend(fused.halo_attention, _runs_anything),
+    "cpp": Backend(cpp.halo_attention, cpp.unavailable_reason),
+    "triton": Backend(triton_kernel.halo_attention, triton_kernel.unavailable_reason),
 }
 _CHOICES = tuple(BACKENDS) + ("auto",)
 
 
-def _make_divisible(value: float, divisor: int = 8) -> int:
-    """Round to the nearest multiple of ``divisor``, never below 90% of ``value`` (timm's rule)."""
+class BackendUnavailable(ValueError):
+    """A backend was asked for that cannot run this call; the message says why."""
+
+
+def compatible_backends(x: Tensor, needs_grad: bool = False) -> List[str]:
+    """The backends that can run halo attention on ``x`` (its device and dtype; with gradients when
+    ``needs_grad``), in ``BACKENDS`` order. Asking about ``cpp`` builds its kernel on first use."""
+    return [name for name, backend in BACKENDS.items() if backend.unavailable_reason(x, needs_grad) is None]
+
+
+def _auto(x: Tensor, needs_grad: bool) -> str:
+    # The compiled kernels beat fused on every shape measured (docs/performance.md). Triton is a
+    # candidate for CUDA inputs only: on the CPU it would be its interpreter, an emulation for tests.
+    candidates = ("triton", "cpp") if x.is_cuda else ("cpp",)
+    return next((name for name in candidates if BACKENDS[name].unavailable_reason(x, needs_grad) is None), "fused")
+
+
+def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
+    """Nearest multiple of ``divisor``, not below ``round_limit`` of ``value`` (timm's rounding)."""
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < 0.9 * value else rounded
+    return rounded + divisor if rounded < round_limit * value else rounded
 
 
 class PosEmbedRel(nn.Module):
     """Relative position tables, one row per offset in (-(win-1), win-1); timm's key names."""
 
-    def __init__(self, win_size: int, dim_head: int, scale: float):
+    def __init__(self, win_size: int, dim_head: int):
         super().__init__()
-        self.scale = scale
         self.height_rel = nn.Parameter(torch.empty(win_size * 2 - 1, dim_head))
         self.width_rel = nn.Parameter(torch.empty(win_size * 2 - 1, dim_head))
 
@@ -85,7 +115,7 @@ class HaloAttention(nn.Module):
             raise ValueError(f"need block_size >= 1 and halo_size >= 0, got {block_size} and {halo_size}")
         self.backend = self._check_backend_name(backend)
         avg_pool = stride > 1 and (avg_down or block_size % stride != 0)
-        dim_head_qk = dim_head or _make_divisible(dim_out * qk_ratio, 8) // num_heads
+        dim_head_qk = dim_head or make_divisible(dim_out * qk_ratio, 8) // num_heads
         self.spec = HaloSpec(
             num_heads=num_heads,
             dim_head_qk=dim_head_qk,
@@ -100,7 +130,7 @@ class HaloAttention(nn.Module):
         self.dim = dim
         self.q = nn.Conv2d(dim, num_heads * s.dim_head_qk, 1, stride=s.block_stride, bias=qkv_bias)
         self.kv = nn.Conv2d(dim, num_heads * (s.dim_head_qk + s.dim_head_v), 1, bias=qkv_bias)
-        self.pos_embed = PosEmbedRel(s.win_size, s.dim_head_qk, s.scale)
+        self.pos_embed = PosEmbedRel(s.win_size, s.dim_head_qk)
         self.pool = nn.AvgPool2d(2, 2) if avg_pool else nn.Identity()
         self.reset_parameters()
 
@@ -141,29 +171,19 @@ class HaloAttention(nn.Module):
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def backend_for(self, x: Tensor) -> str:
-        """The one dispatch point: resolve ``auto`` and refuse a backend that cannot run here."""
-        kernels = {"triton": triton_kernel.unavailable_reason, "cpp": cpp.unavailable_reason}
+        """The one dispatch point: the backend that runs ``x`` (``auto`` resolved); ``BackendUnavailable``
+        when the backend asked for cannot run it."""
+        needs_grad = self._needs_grad(x)
         if self.backend == "auto":
-            # The compiled kernels beat fused on every shape measured (docs/performance.md); they
-            # have no backward. cpp's reason includes a failed build, which cpp.load logs once.
-            if self._needs_grad(x):
-                return "fused"
-            if x.is_cuda and triton_kernel.unavailable_reason(x) is None:
-                return "triton"
-            if x.device.type == "cpu" and cpp.unavailable_reason(x) is None:
-                return "cpp"
-            return "fused"
-        if self.backend in kernels:
-            reason = kernels[self.backend](x)
-            if reason is not None:
-                raise ValueError(f"halo attention backend {self.backend!r} is not available: {reason}")
-            if self._needs_grad(x):
-                return "fused"  # the kernel has no backward; fused computes the same and is trainable
+            return _auto(x, needs_grad)
+        reason = BACKENDS[self.backend].unavailable_reason(x, needs_grad)
+        if reason is not None:
+            raise BackendUnavailable(f"halo attention backend {self.backend!r} is not available: {reason}")
         return self.backend
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        out = BACKENDS[self.backend_for(x)](x, self.weights(), self.spec)
+        out = BACKENDS[self.backend_for(x)].run(x, self.weights(), self.spec)
         return self.pool(out)
 
     def forward_with_maps(self, x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -175,7 +195,7 @@ class HaloAttention(nn.Module):
         """
         self._check_input(x)
         if self.backend_for(x) == "triton":
-            out, maps = triton_kernel.halo_attention_with_maps(x, self.weights(), self.spec, with_maps=True)
+            out, maps = triton_kernel.halo_attention_and_maps(x, self.weights(), self.spec)
         else:
             out, probs = reference.halo_attention(x, self.weights(), self.spec, return_probs=True)
             win = self.spec.win_size

@@ -7,8 +7,8 @@ logit (see the C++ file).
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and
 ninja are needed; about 15 s once, then cached under ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``). Where it cannot be built, ``unavailable_reason`` says why, and
-``HaloAttention`` logs that once and runs ``fused`` (or raises, when ``cpp`` was forced).
+``~/.cache/torch_extensions``). Where it cannot be built, ``unavailable_reason`` says why (``load``
+logs it once), and ``HaloAttention`` runs ``fused`` for ``auto`` or raises when ``cpp`` was forced.
 ``python -m model.attention.build`` builds it ahead (``make install`` and the Docker image do).
 """
 import logging
@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .spec import HaloSpec, HaloWeights, project_channels_last
+from .spec import NO_BACKWARD, HaloSpec, HaloWeights, empty_output, project_channels_last
 
 logger = logging.getLogger(__name__)
 
@@ -57,32 +57,30 @@ def load() -> Optional[str]:
         return _build_error
 
 
-def unavailable_reason(x: Tensor) -> Optional[str]:
-    """Why this backend cannot run on ``x``, or None when it can (builds the kernel on first call)."""
+def unavailable_reason(x: Tensor, needs_grad: bool) -> Optional[str]:
+    """Why this backend cannot run on ``x`` (with gradients when ``needs_grad``), or None when it can;
+    the kernel is built on the first call that could run it."""
     if x.device.type != "cpu":
         return f"it runs on the CPU, got a tensor on {x.device}"
     if x.dtype != torch.float32:
         return f"it supports float32 only, not {x.dtype}"
+    if needs_grad:
+        return NO_BACKWARD
     return load()
 
 
 def halo_attention(x: Tensor, weights: HaloWeights, spec: HaloSpec) -> Tensor:
-    """Same contract as ``reference.halo_attention``, without probabilities and without gradients."""
-    reason = unavailable_reason(x)
-    if reason is not None:
-        raise RuntimeError(f"halo attention backend 'cpp' is not available: {reason}")
+    """Same contract as ``reference.halo_attention``, without probabilities and without gradients.
+
+    For inputs that ``unavailable_reason`` accepted (which loads the kernel): ``HaloAttention`` checks.
+    """
     s = spec.block_stride
-    B, _, H, W = x.shape
     q = project_channels_last(x[:, :, ::s, ::s] if s > 1 else x, weights.q_weight, weights.q_bias)
     kv = project_channels_last(x, weights.kv_weight, weights.kv_bias)
-    # The output keeps the input's memory format (NCHW or channels_last); the kernel writes any strides.
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    out = torch.empty(B, spec.num_heads * spec.dim_head_v, H // s, W // s, dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    out = empty_output(x, spec)  # the kernel writes any strides
     # timm scales q.k, and the position logits too when scale_pos_embed is set.
     position_scale = spec.scale if spec.scale_pos_embed else 1.0
     torch.ops.halonet.halo_attention_cpu(
         q, kv, weights.height_rel.detach().contiguous(), weights.width_rel.detach().contiguous(), out,
         spec.num_heads, spec.block_size, spec.halo_size, s, spec.scale, position_scale)
     return out
-

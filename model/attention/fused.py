@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .reference import relative_position_index
-from .spec import HaloSpec, HaloWeights, project_channels_last
+from .spec import HaloSpec, HaloWeights, empty_output, project_channels_last
 
 # Block x head pairs per chunk, chosen by measurement on the halonet shapes: 128 against 64 is
 # 5% faster over the halonet_h1 rows (up to 17% on the 64x64 and 32x32 maps, fewer ops per
@@ -96,10 +96,7 @@ def halo_attention(x: Tensor, weights: HaloWeights, spec: HaloSpec) -> Tensor:
         if spec.scale_pos_embed:
             rel_table = rel_table * spec.scale
 
-    # The output keeps the input's memory format (NCHW or channels_last), written block by block.
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    out = torch.empty(B, heads * dv, nh * bq, nw * bq, dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    out = empty_output(x, spec)  # written block by block
     out_blocks = out.view(B, heads, dv, nh, bq, nw, bq).permute(0, 3, 5, 1, 4, 6, 2)  # B, nh, nw, heads, bq, bq, dv
     for images, row_starts in _chunks(B, nh, nw * heads):
         xi = x[images]

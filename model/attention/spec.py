@@ -2,7 +2,7 @@
 
 Backends are plain functions ``(x, weights, spec) -> output``; the ``HaloAttention`` module
 owns the parameters and hands them over in these two containers, so a backend never
-depends on ``nn.Module`` internals.
+depends on ``nn.Module`` internals. The helpers below are what several backends share.
 """
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -50,11 +50,26 @@ class HaloWeights(NamedTuple):
     width_rel: Tensor  # (2 * win_size - 1, dim_head_qk)
 
 
-def window_key_coordinates(win_size: int, device: Optional[torch.device] = None) -> tuple[Tensor, Tensor]:
-    """Row and column of each key in a block's window, keys in row-major order (win_size**2,)."""
-    ky, kx = torch.meshgrid(
-        torch.arange(win_size, device=device), torch.arange(win_size, device=device), indexing="ij")
-    return ky.flatten(), kx.flatten()
+# Why a compiled kernel cannot run a call that needs gradients (their ``unavailable_reason`` says it).
+NO_BACKWARD = "it has no backward pass; a call that needs gradients can run 'fused' (or 'reference')"
+
+
+def square_coordinates(side: int, device: Optional[torch.device] = None) -> tuple[Tensor, Tensor]:
+    """Row and column of each cell of a ``side`` x ``side`` square (a query block, a key window),
+    cells in row-major order: two (side**2,) tensors."""
+    rows, cols = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device), indexing="ij")
+    return rows.flatten(), cols.flatten()
+
+
+def empty_output(x: Tensor, spec: HaloSpec) -> Tensor:
+    """The uninitialised output of attention over ``x`` (B, C, H, W): (B, heads * dim_head_v, H / block_stride,
+    W / block_stride), in x's memory format (NCHW or channels_last), so that the layers after it read
+    the layout they were given."""
+    B, _, H, W = x.shape
+    s = spec.block_stride
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.empty(B, spec.num_heads * spec.dim_head_v, H // s, W // s, dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def project_channels_last(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

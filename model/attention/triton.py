@@ -12,9 +12,9 @@ Optionally the same kernel also writes, for each block, the attention probabilit
 its queries (a second pass over the window with the final softmax statistics); the wrapper
 averages them over heads and queries into one (win x win) map per block, for heatmaps.
 
-Inference only: there is no backward. ``HaloAttention`` routes anything that needs gradients
-through the ``fused`` backend. Without CUDA the kernel runs under ``TRITON_INTERPRET=1``
-(tests use that, at small sizes).
+Inference only: there is no backward, so ``unavailable_reason`` refuses a call that needs gradients
+(``auto`` then runs ``fused``). Without CUDA the kernel runs under ``TRITON_INTERPRET=1`` (tests use
+that, at small sizes).
 """
 import math
 import os
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .spec import HaloSpec, HaloWeights
+from .spec import NO_BACKWARD, HaloSpec, HaloWeights, empty_output
 
 try:
     import triton
@@ -38,14 +38,16 @@ BLOCK_K = 64
 MAX_BLOCK_Q = 64
 
 
-def unavailable_reason(x: Tensor) -> Optional[str]:
-    """Why this backend cannot run on ``x``, or None when it can."""
+def unavailable_reason(x: Tensor, needs_grad: bool) -> Optional[str]:
+    """Why this backend cannot run on ``x`` (with gradients when ``needs_grad``), or None when it can."""
     if triton is None:
         return "Triton is not installed"
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return f"it needs a CUDA tensor, got one on {x.device} (or TRITON_INTERPRET=1 to emulate)"
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"it supports float32, float16 and bfloat16, not {x.dtype}"
+    if needs_grad:
+        return NO_BACKWARD
     return None
 
 
@@ -76,6 +78,8 @@ if triton is not None:
         logits += (tl.gather(q_height, h_index, 1) + tl.gather(q_width, w_index, 1)) * rel_factor
         return logits, kj, k_ok, inside, pixel
 
+    # One body, not split further: the queries, position tables and softmax statistics stay in registers
+    # across both passes, and a helper would only take them all as arguments (see _window_tile_logits).
     @triton.jit
     def _halo_attention_kernel(
             q_ptr, kv_ptr, height_ptr, width_ptr, out_ptr, maps_ptr,
@@ -167,20 +171,15 @@ def _next_power_of_2(n: int, at_least: int = 16) -> int:
     return max(at_least, 1 << (n - 1).bit_length())
 
 
-def attend(q: Tensor, kv: Tensor, weights: HaloWeights, spec: HaloSpec,
-           with_maps: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-    """The kernel alone, given the projections q (B, heads*dk, Hq, Wq) and kv (B, heads*(dk+dv), H, W).
-
-    Returns the output in q's memory format and, when asked, the per-block maps (B, blocks, win, win).
-    """
+def _launch(q: Tensor, kv: Tensor, weights: HaloWeights, spec: HaloSpec,
+            with_maps: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """The kernel on the projections: the output and, with ``with_maps``, the per-block maps (else None)."""
     B, _, H, W = kv.shape
     heads, dk, dv = spec.num_heads, spec.dim_head_qk, spec.dim_head_v
     bs, bq, win = spec.block_size, spec.query_block_size, spec.win_size
-    blocks_h, blocks_w = H // bs, W // bs
-    num_blocks = blocks_h * blocks_w
-    channels_last = q.is_contiguous(memory_format=torch.channels_last) and not q.is_contiguous()
-    out = torch.empty(B, heads * dv, blocks_h * bq, blocks_w * bq, device=q.device, dtype=q.dtype,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    blocks_w = W // bs
+    num_blocks = (H // bs) * blocks_w
+    out = empty_output(kv, spec)  # kv has the input's size and memory format
 
     block_q = min(MAX_BLOCK_Q, _next_power_of_2(bq * bq))
     q_tiles = triton.cdiv(bq * bq, block_q)
@@ -207,22 +206,25 @@ def attend(q: Tensor, kv: Tensor, weights: HaloWeights, spec: HaloSpec,
     return out, maps
 
 
-def halo_attention_with_maps(
-        x: Tensor, weights: HaloWeights, spec: HaloSpec, with_maps: bool = False,
-) -> Tuple[Tensor, Optional[Tensor]]:
-    """Output (as ``reference.halo_attention``) and, when asked, per-block maps (B, blocks, win, win).
+def attend(q: Tensor, kv: Tensor, weights: HaloWeights, spec: HaloSpec) -> Tensor:
+    """The kernel alone, given the projections q (B, heads*dk, Hq, Wq) and kv (B, heads*(dk+dv), H, W);
+    the output has kv's memory format."""
+    return _launch(q, kv, weights, spec, with_maps=False)[0]
 
-    A map is the attention probabilities of one block averaged over heads and over the block's
-    queries: it sums to 1 over the window. The output keeps x's memory format.
-    """
-    reason = unavailable_reason(x)
-    if reason is not None:
-        raise ValueError(f"the triton halo attention backend cannot run: {reason}")
+
+def _projections(x: Tensor, weights: HaloWeights, spec: HaloSpec) -> Tuple[Tensor, Tensor]:
     q = F.conv2d(x, weights.q_weight, weights.q_bias, stride=spec.block_stride)
-    kv = F.conv2d(x, weights.kv_weight, weights.kv_bias)
-    return attend(q, kv, weights, spec, with_maps)
+    return q, F.conv2d(x, weights.kv_weight, weights.kv_bias)
 
 
 def halo_attention(x: Tensor, weights: HaloWeights, spec: HaloSpec) -> Tensor:
-    """Same contract as ``reference.halo_attention``, without probabilities."""
-    return halo_attention_with_maps(x, weights, spec)[0]
+    """Same contract as ``reference.halo_attention``, without probabilities; the output keeps x's memory
+    format. For inputs that ``unavailable_reason`` accepted: ``HaloAttention`` checks."""
+    return attend(*_projections(x, weights, spec), weights, spec)
+
+
+def halo_attention_and_maps(x: Tensor, weights: HaloWeights, spec: HaloSpec) -> Tuple[Tensor, Tensor]:
+    """``halo_attention`` and, from the same pass, one map per block (B, blocks, win, win): the attention
+    probabilities of the block averaged over heads and over its queries (it sums to 1 over the window)."""
+    out, maps = _launch(*_projections(x, weights, spec), weights, spec, with_maps=True)
+    return out, maps

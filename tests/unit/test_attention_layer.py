@@ -1,11 +1,15 @@
 """HaloAttention's own contract: errors, backend choice, probabilities, and every backend against
 reference on random configs."""
+import re
+
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from model import HaloAttention
-from model.attention import BACKENDS, reference
+from model.attention import BACKENDS, BackendUnavailable, compatible_backends, reference
+from model.attention.spec import NO_BACKWARD
 
 
 def test_map_not_multiple_of_block_size_is_a_value_error() -> None:
@@ -33,7 +37,7 @@ def test_bad_constructor_arguments(kwargs: dict, message: str) -> None:
 def test_triton_on_cpu_fails_loudly_instead_of_falling_back(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     layer = HaloAttention(dim=8, num_heads=2, block_size=4, halo_size=1, backend="triton")
-    with torch.no_grad(), pytest.raises(ValueError, match="'triton' is not available: it needs a CUDA tensor"):
+    with torch.no_grad(), pytest.raises(BackendUnavailable, match="'triton' is not available: it needs a CUDA tensor"):
         layer(torch.randn(1, 8, 8, 8))
 
 
@@ -43,12 +47,17 @@ def test_auto_resolves_to_fused_on_cpu_when_training() -> None:
     assert layer.backend_for(torch.randn(1, 8, 8, 8)) == "fused"  # inference picks cpp: test_cpp_kernel.py
 
 
-def test_triton_routes_training_through_fused() -> None:
-    layer = HaloAttention(dim=8, num_heads=2, block_size=4, halo_size=1, backend="triton")
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_a_forced_kernel_refuses_a_call_that_needs_gradients(backend: str) -> None:
+    """The compiled kernels have no backward: forced while training they raise, rather than run
+    another backend; without gradients they run (triton emulated by the interpreter in tests)."""
+    layer = HaloAttention(dim=8, num_heads=2, block_size=4, halo_size=1, backend=backend)
     x = torch.randn(1, 8, 8, 8)
-    assert layer.backend_for(x) == "fused"  # parameters require grad
+    with pytest.raises(BackendUnavailable, match=re.escape(f"{backend!r} is not available: {NO_BACKWARD}")):
+        layer(x)  # parameters require grad
+    assert backend not in compatible_backends(x, needs_grad=True)
     with torch.no_grad():
-        assert layer.backend_for(x) == "triton"  # emulated by the interpreter in tests
+        assert layer.backend_for(x) == backend and backend in compatible_backends(x)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -65,17 +74,43 @@ def test_reference_probabilities_are_a_distribution_over_each_window(stride: int
     assert (layer.pool(out) - expected).abs().max().item() <= 1e-5
 
 
+def maps_by_definition(layer: HaloAttention, x: torch.Tensor) -> torch.Tensor:
+    """Per block (B, blocks, win, win): for each head and query, the softmax over the window of
+    q.k * scale + q.height_rel[ky - qy + win - 1] + q.width_rel[kx - qx + win - 1] (keys outside the
+    map are zero vectors), averaged over heads and queries; one query at a time, from the layer's
+    own convolutions (a stride-1 layer)."""
+    s, (height_rel, width_rel) = layer.spec, (layer.pos_embed.height_rel, layer.pos_embed.width_rel)
+    bs, win, heads, dk = s.block_size, s.win_size, s.num_heads, s.dim_head_qk
+    q, kv = layer.q(x), F.pad(layer.kv(x), [s.halo_size] * 4)
+    blocks_h, blocks_w = x.shape[2] // bs, x.shape[3] // bs
+    offsets = torch.arange(win)
+    maps = torch.zeros(x.shape[0], blocks_h * blocks_w, win, win)
+    for by in range(blocks_h):
+        for bx in range(blocks_w):
+            window = kv[:, :, by * bs:by * bs + win, bx * bs:bx * bs + win]
+            for h in range(heads):
+                keys = window[:, h * (dk + s.dim_head_v):h * (dk + s.dim_head_v) + dk]  # B, dk, win, win
+                for qy in range(bs):
+                    for qx in range(bs):
+                        query = q[:, h * dk:(h + 1) * dk, by * bs + qy, bx * bs + qx]  # B, dk
+                        logits = (torch.einsum("bd,bdyx->byx", query, keys) * s.scale
+                                  + (query @ height_rel[offsets - qy + win - 1].t())[:, :, None]
+                                  + (query @ width_rel[offsets - qx + win - 1].t())[:, None, :])
+                        maps[:, by * blocks_w + bx] += logits.flatten(1).softmax(-1).view(-1, win, win)
+    return maps / (heads * bs * bs)
+
+
 @pytest.mark.parametrize("backend", ["reference", "fused", "triton"])
-def test_window_maps_average_probabilities_over_heads_and_queries(backend: str) -> None:
+def test_window_maps_are_the_attention_probabilities_averaged_over_heads_and_queries(backend: str) -> None:
     torch.manual_seed(0)
     layer = HaloAttention(dim=16, num_heads=2, block_size=4, halo_size=1, backend=backend)
     x = torch.randn(2, 16, 8, 12)
     with torch.no_grad():
         out, maps = layer.forward_with_maps(x)
-        _, probs = reference.halo_attention(x, layer.weights(), layer.spec, return_probs=True)
+        expected_maps = maps_by_definition(layer, x)
         expected = layer(x)
     assert maps.shape == (2, 6, 6, 6)
-    assert (maps - probs.mean(dim=(1, 3)).view(2, 6, 6, 6)).abs().max().item() <= 1e-6
+    assert (maps - expected_maps).abs().max().item() <= 1e-6
     assert torch.allclose(maps.sum(dim=(-1, -2)), torch.ones(()), atol=1e-6)
     assert (out - expected).abs().max().item() <= 1e-5
 

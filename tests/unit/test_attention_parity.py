@@ -70,7 +70,9 @@ def test_forward_matches_timm(backend: str, kwargs: dict, shape: tuple) -> None:
     assert (actual - expected).abs().max().item() <= FP32_TOL
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+# The trainable backends: the compiled kernels have no backward, and forced while training they
+# raise (test_attention_layer.py).
+@pytest.mark.parametrize("backend", ["fused", "reference"])
 @pytest.mark.parametrize("kwargs,shape", CASES, ids=IDS)
 def test_gradients_match_timm(backend: str, kwargs: dict, shape: tuple) -> None:
     theirs, ours = make_pair(kwargs, backend)

@@ -11,6 +11,8 @@ import torch
 
 from app.config import Settings
 from app.engine import Engine, default_parallelism
+from model.attention import BACKENDS
+from model.inference import seeing_inputs
 
 
 @pytest.fixture
@@ -113,13 +115,28 @@ def test_the_hooks_of_the_eager_path_see_their_own_threads_forwards_only(traced_
     _, eager = traced_and_eager
     seen = []
     images = torch.zeros(1, *eager.cfg.input_size)
-    with eager._watching([eager.default_heatmap_layer], lambda name, _layer, _x: seen.append(name)):
+    with seeing_inputs(eager.model, [eager.default_heatmap_layer], lambda name, _layer, _x: seen.append(name)):
         other = threading.Thread(target=eager.forward, args=(images, [None]))
         other.start()
         other.join()
         assert not seen
         eager.forward(images, [None])
     assert seen == [eager.default_heatmap_layer]
+
+
+def test_the_backends_the_engine_reports_are_those_its_layers_run(traced_and_eager, monkeypatch) -> None:
+    """Each halo layer's backend as the engine reports it (from the dispatch, no forward) is the one that
+    ran it in a forward: every backend's function is wrapped to record which layer it ran."""
+    _, eager = traced_and_eager
+    layer_of = {id(layer.q.weight): name for name, layer in eager.halo_layers.items()}
+    ran = {}
+    for backend_name, backend in BACKENDS.items():
+        def run(x, weights, spec, backend_name=backend_name, backend=backend):
+            ran[layer_of[id(weights.q_weight)]] = backend_name
+            return backend.run(x, weights, spec)
+        monkeypatch.setitem(BACKENDS, backend_name, backend._replace(run=run))
+    eager.forward(torch.zeros(2, *eager.cfg.input_size), [None, None])
+    assert ran == eager.layer_backends and eager.attention_backends == sorted(set(ran.values()))
 
 
 def test_the_warm_up_returns_the_seconds_of_each_batch_size(traced_and_eager) -> None:

@@ -5,7 +5,7 @@ import torch
 
 from benchmarks.model import randomize_
 from model import HaloAttention, create_model, list_models, load_labels
-from model.inference import prepare_for_inference
+from model.inference import halo_layer_inputs, prepare_for_inference
 
 TIMM_NAMES = ["halonet_h1", "halonet26t", "sehalonet33ts", "halonet50ts", "eca_halonext26ts"]
 # The paper's Table 2 parameter counts (millions, 1000 classes).
@@ -92,16 +92,11 @@ def test_compact_model_has_halo_attention_over_several_blocks() -> None:
     model = create_model("halonet_compact").eval()
     cfg = model.pretrained_cfg
     assert cfg.input_size == (1, 32, 32) and cfg.num_classes == 10
-    blocks = []
-
-    def count_blocks(layer: HaloAttention, inputs: tuple, _output: torch.Tensor) -> None:
-        h, w = inputs[0].shape[-2:]
-        blocks.append((h // layer.spec.block_size) * (w // layer.spec.block_size))
-
-    for _, layer in model.halo_layers():
-        layer.register_forward_hook(count_blocks)
     with torch.no_grad():
         assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    inputs = halo_layer_inputs(model, torch.randn(2, 1, 32, 32))
+    block = {name: layer.spec.block_size for name, layer in model.halo_layers()}
+    blocks = [(shape[2] // block[name]) * (shape[3] // block[name]) for name, shape in inputs.items()]
     assert blocks == [16, 4]  # 4x4 blocks on the 16x16 map, 2x2 on the 8x8 map
 
 

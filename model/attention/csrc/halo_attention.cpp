@@ -136,6 +136,7 @@ struct Window {
 };
 
 // Steps 1-4 for G query vectors starting at vector g0 of one (image, block, head).
+// One function, not four: the steps share the register tile acc, the queries and the scratch, read in order.
 template <int G>
 ALWAYS_INLINE void attend_queries(const Geometry& g, const float* kv_head, const float* rel_table, float* out,
                                   const int64_t* out_strides, const Window& w, int64_t g0, Scratch& s) {
