@@ -245,10 +245,6 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    @property
-    def depth(self) -> int:
-        return len(self._queue)
-
     def expected_wait_s(self, images: int) -> float:
         """How long ``images`` more would take to be answered, from the images ahead of them
         (queued, computing, being decoded) and the measured forward costs, the model workers

@@ -5,6 +5,10 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# What a request that started just before its deadline still needs to be answered and written out
+# once its deadline has passed (an answer or a 504, then the socket's last bytes); part of the drain.
+DRAIN_MARGIN_S = 5.0
+
 
 class Settings(BaseSettings):
     """Service settings. Each field is read from ``HALO_<NAME>`` (e.g. ``HALO_MAX_BATCH_SIZE``)."""
@@ -69,7 +73,9 @@ class Settings(BaseSettings):
                                        "images cannot hold the decoding threads and memory while small ones wait")
     max_images_per_request: int = Field(64, ge=1, description="most images in one request")
     preprocess_threads: int = Field(4, ge=1, description="threads that decode and preprocess images")
-    warmup: bool = Field(True, description="run a forward pass at every batch size bucket before /readyz says ready")
+    warmup: bool = Field(
+        True, description="before /readyz says ready, run the model at batch sizes 1, 2, 4, ... (the powers of two up "
+                          "to max_batch_size) and once with heatmaps; the timings seed the batcher's forward costs")
     demo_page: bool = Field(True, description="serve the demo page at / (its files at /static/): drop images in a "
                                               "browser, see the top classes and heatmaps")
     log_level: str = Field("info", description="uvicorn and access log level")
@@ -82,7 +88,7 @@ class Settings(BaseSettings):
 
     @property
     def drain_seconds(self) -> float:
-        """How long a graceful shutdown waits for accepted requests: their deadline and 5 s to answer.
+        """How long a graceful shutdown waits for accepted requests: their deadline and DRAIN_MARGIN_S.
         A supervisor's grace period before SIGKILL (compose's stop_grace_period) must be longer than
         this and shutdown_grace_s together."""
-        return self.request_timeout_ms / 1000 + 5
+        return self.request_timeout_ms / 1000 + DRAIN_MARGIN_S

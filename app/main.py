@@ -19,6 +19,9 @@ from .routes import predict, router
 from .service import Service
 
 access_log = logging.getLogger("halo.access")
+# A client's X-Request-ID is cut to this: room for any id scheme in use (a UUID has 36 characters, a W3C
+# traceparent 55), not for a header that would make every access log line and the echoed header as long.
+MAX_REQUEST_ID_CHARS = 128
 
 
 class RequestContextMiddleware:
@@ -34,7 +37,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")[:128]
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")[:MAX_REQUEST_ID_CHARS]
         request_id = given if given.isprintable() and given else uuid.uuid4().hex
         status, started = 500, time.perf_counter()
 

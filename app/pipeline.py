@@ -71,8 +71,13 @@ class Pipeline:
 
     def check_count(self, images: int) -> None:
         if images > self.settings.max_images_per_request:
-            raise ServiceError(413, "too_many_images",
-                               f"{images} images in one request; the limit is {self.settings.max_images_per_request}")
+            raise self.too_many_images(str(images))
+
+    def too_many_images(self, count: str) -> ServiceError:
+        """The 413 of a request with more images than HALO_MAX_IMAGES_PER_REQUEST; ``count``: how many it
+        has, as far as it was read."""
+        return ServiceError(413, "too_many_images",
+                            f"{count} images in one request; the limit is {self.settings.max_images_per_request}")
 
     def check_top_k(self, k: int) -> None:
         if k > len(self.engine.labels):

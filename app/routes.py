@@ -10,19 +10,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.transforms import describe_preprocessing
 
 from .batcher import AdaptiveWindow
-from .config import Settings
 from .errors import ServiceError
 from .http_request import read_body, validation_message, watch_disconnect
+from .pipeline import Pipeline
 from .schemas import ErrorResponse, JsonPredictRequest, ModelInfo, PredictOptions, PredictResponse
 from .service import Service
 
 router = APIRouter()
-# What /predict answers besides 200 (and a bug's 500); its 499, for a client that left, reaches no one.
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 408, 413, 415, 422, 503, 504)}
+# What /predict answers besides 200, a bug's 500 included; its 499, for a client that left, reaches no one.
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 408, 413, 415, 422, 500, 503, 504)}
 # The options of a multipart request, which come in its query; a JSON body carries them itself.
 QUERY_OPTIONS = [{"name": name, "in": "query", "schema": schema,
                   "description": f"multipart requests only: {PredictOptions.model_fields[name].description}"}
@@ -45,7 +47,7 @@ async def healthz() -> dict:
 async def readyz(request: Request) -> dict:
     service = service_of(request)
     if not service.ready:
-        raise ServiceError(503, "not_ready", service.not_ready_reason(), retry_after=1)
+        raise service.not_ready_error()
     return {"status": "ready"}
 
 
@@ -82,7 +84,8 @@ def _options(raw: dict) -> PredictOptions:
         raise ServiceError(422, "invalid_options", validation_message(e)) from e
 
 
-async def _parse(request: Request, settings: Settings, deadline: float) -> Tuple[List[bytes], PredictOptions]:
+async def _parse(request: Request, pipeline: Pipeline, deadline: float) -> Tuple[List[bytes], PredictOptions]:
+    settings = pipeline.settings
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ("multipart/form-data", "application/json"):
         raise ServiceError(415, "unsupported_media_type", "send multipart/form-data (field 'file') or "
@@ -104,8 +107,7 @@ async def _parse(request: Request, settings: Settings, deadline: float) -> Tuple
             except (binascii.Error, ValueError) as e:
                 raise ServiceError(400, "invalid_base64", f"images[{i}] is not valid base64") from e
         return files, parsed  # a JsonPredictRequest is a PredictOptions, already validated
-    form = await request.form(max_files=10_000, max_fields=1_000, max_part_size=limit)
-    uploads = form.getlist("file")
+    uploads = (await _form(request, pipeline, limit)).getlist("file")
     if not uploads:
         raise ServiceError(422, "no_images", "multipart request has no 'file' field")
     files = []
@@ -114,6 +116,23 @@ async def _parse(request: Request, settings: Settings, deadline: float) -> Tuple
             raise ServiceError(422, "invalid_request", "the 'file' field must be a file upload, not text")
         files.append(await upload.read())
     return files, _options(dict(request.query_params))
+
+
+async def _form(request: Request, pipeline: Pipeline, part_limit: int) -> FormData:
+    """The multipart body's parts. The parser stops at the first file past the image limit, so that a
+    form of many tiny files costs no more than the largest request that could be answered; text parts
+    carry nothing (the options come in the query) and are bounded the same way."""
+    most = pipeline.settings.max_images_per_request
+    try:
+        return await request.form(max_files=most, max_fields=most, max_part_size=part_limit)
+    except StarletteHTTPException as e:
+        # Starlette tells its limits from a malformed body (400) by the message alone.
+        if str(e.detail).startswith("Too many files"):
+            raise pipeline.too_many_images(f"over {most}") from e
+        if str(e.detail).startswith("Too many fields"):
+            raise ServiceError(413, "too_many_fields", f"over {most} text fields in one request (the images go in "
+                               "'file' fields, the options in the query)") from e
+        raise
 
 
 @router.post("/predict", response_model=PredictResponse, responses=ERROR_RESPONSES,
@@ -126,11 +145,10 @@ async def predict(request: Request) -> JSONResponse:
     """Multipart: one or more `file` fields, options in the query (`?top_k=3&heatmaps=true`).
     JSON: `{"images": ["<base64>", ...], "top_k": 3, "heatmaps": true}`."""
     service = service_of(request)
-    settings = service.settings
-    deadline = time.monotonic() + settings.request_timeout_ms / 1000
+    deadline = time.monotonic() + service.settings.request_timeout_ms / 1000
     pipeline = service.require_ready()
     pipeline.admit(1)  # the image count is not known yet: refuse now if even one would wait too long
-    files, options = await _parse(request, settings, deadline)
+    files, options = await _parse(request, pipeline, deadline)
     gone = [False]
     watcher = asyncio.create_task(watch_disconnect(request, gone))
     try:

@@ -88,9 +88,14 @@ class Service:
             return f"model failed to load: {self.load_error}"
         return "the service is shutting down" if self.stopping else "model is loading"
 
+    def not_ready_error(self) -> ServiceError:
+        """The one 503 of every route that needs the model while it loads, after it failed to load,
+        or (for /readyz) while the service stops."""
+        return ServiceError(503, "not_ready", self.not_ready_reason(), retry_after=1)
+
     def require_engine(self) -> Engine:
         if self.engine is None:
-            raise ServiceError(503, "not_ready", self.not_ready_reason(), retry_after=1)
+            raise self.not_ready_error()
         return self.engine
 
     def require_ready(self) -> Pipeline:
@@ -98,7 +103,7 @@ class Service:
         if self.stopping:
             raise ServiceError(503, "shutting_down", self.not_ready_reason(), retry_after=1, close_connection=True)
         if not self.ready or self.pipeline is None:
-            raise ServiceError(503, "not_ready", self.not_ready_reason(), retry_after=1)
+            raise self.not_ready_error()
         return self.pipeline
 
     def stop_accepting(self) -> None:

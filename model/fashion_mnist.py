@@ -18,7 +18,6 @@ FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-IMAGE_SIZE = 28
 PAD = 2  # 28 + 2 * 2 = 32, the compact model's input side
 
 

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -113,69 +113,102 @@ class Progress:
         sys.stderr.write(f" | {message} ({time.time() - self.start:.0f} s)\n")
 
 
+class Splits(NamedTuple):
+    """Normalized model inputs (N, 1, H, W) and labels of the train and test splits."""
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+
+
+def load_splits(model: HaloNet, limit: int = 0) -> Splits:
+    """Fashion-MNIST as ``model`` reads it; ``limit``: the first that many training images only (0 = all)."""
+    mean, std = model.pretrained_cfg.mean[0], model.pretrained_cfg.std[0]
+    train_images, train_labels = fashion_mnist.load_split("train")
+    test_images, test_labels = fashion_mnist.load_split("test")
+    if limit:
+        train_images, train_labels = train_images[:limit], train_labels[:limit]
+    return Splits(fashion_mnist.to_model_input(train_images, mean, std), train_labels,
+                  fashion_mnist.to_model_input(test_images, mean, std).contiguous(memory_format=torch.channels_last),
+                  test_labels)
+
+
+def make_optimizer(model: HaloNet, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with Nesterov momentum, weight decay on weight matrices and kernels only: not on biases,
+    norms or position embeddings."""
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "pos_embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() > 1 and "pos_embed" not in n)]
+    return torch.optim.SGD([dict(params=decay, weight_decay=cfg.weight_decay),
+                            dict(params=no_decay, weight_decay=0.0)],
+                           lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+
+
+def resume_state(state_path: Path, model: HaloNet, optimizer: torch.optim.Optimizer,
+                 generator: torch.Generator) -> Tuple[int, List[dict]]:
+    """Restores what ``train`` saved after an epoch: the epochs done and their history."""
+    state = torch.load(state_path, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"resuming after epoch {state['epoch']}", file=sys.stderr)
+    return state["epoch"], json.loads(state["history"])
+
+
+def train_epoch(model: HaloNet, optimizer: torch.optim.Optimizer, data: Splits, cfg: TrainConfig,
+                generator: torch.Generator, epoch: int, device: str) -> Dict[str, float]:
+    """One pass over the training images in a seeded random order, then the test accuracy: the epoch's history
+    entry."""
+    model.train()
+    steps_per_epoch = len(data.train_x) // cfg.batch_size
+    black = -model.pretrained_cfg.mean[0] / model.pretrained_cfg.std[0]  # a black pixel, normalized
+    order = torch.randperm(len(data.train_x), generator=generator)
+    progress = Progress(epoch, cfg.epochs, steps_per_epoch)
+    total_loss, correct, seen = 0.0, 0, 0
+    for step in range(steps_per_epoch):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(epoch * steps_per_epoch + step, steps_per_epoch, cfg)
+        index = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        x = augment(data.train_x[index], cfg, generator, black=black)
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        y = data.train_y[index].to(device)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        if step % 10 == 0 or step == steps_per_epoch - 1:
+            progress.update(step, total_loss / seen, correct / seen, seen)
+    test_accuracy, _ = evaluate(model, data.test_x, data.test_y)
+    progress.close(f"test acc {test_accuracy:.4f}")
+    return dict(epoch=epoch + 1, train_loss=total_loss / seen, train_accuracy=correct / seen,
+                test_accuracy=test_accuracy)
+
+
 def train(cfg: TrainConfig, out_dir: Path, device: str, resume: bool) -> Dict[str, object]:
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     # The reference attention backend trains this small model faster on CPU than the fused one
     # (568 against 291 images/s at batch 128, measured), and channels_last speeds up its convs.
     model = create_model(MODEL_NAME, backend="reference").to(device, memory_format=torch.channels_last)
-    mean, std = model.pretrained_cfg.mean[0], model.pretrained_cfg.std[0]
-    train_images, train_labels = fashion_mnist.load_split("train")
-    test_images, test_labels = fashion_mnist.load_split("test")
-    if cfg.limit:
-        train_images, train_labels = train_images[:cfg.limit], train_labels[:cfg.limit]
-    train_x = fashion_mnist.to_model_input(train_images, mean, std)
-    test_x = fashion_mnist.to_model_input(test_images, mean, std).contiguous(memory_format=torch.channels_last)
-
-    decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() > 1 and "pos_embed" not in n)]
-    optimizer = torch.optim.SGD([dict(params=decay, weight_decay=cfg.weight_decay),
-                                 dict(params=no_decay, weight_decay=0.0)],
-                                lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    steps_per_epoch = len(train_x) // cfg.batch_size
+    data = load_splits(model, cfg.limit)
+    optimizer = make_optimizer(model, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "train_state.pt"
     first_epoch, history = 0, []
     if resume and state_path.is_file():
-        state = torch.load(state_path, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        first_epoch, history = state["epoch"], json.loads(state["history"])
-        print(f"resuming after epoch {first_epoch}", file=sys.stderr)
+        first_epoch, history = resume_state(state_path, model, optimizer, generator)
 
     started = time.time()
     for epoch in range(first_epoch, cfg.epochs):
-        model.train()
-        order = torch.randperm(len(train_x), generator=generator)
-        progress = Progress(epoch, cfg.epochs, steps_per_epoch)
-        total_loss, correct, seen = 0.0, 0, 0
-        for step in range(steps_per_epoch):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(epoch * steps_per_epoch + step, steps_per_epoch, cfg)
-            index = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            x = augment(train_x[index], cfg, generator, black=-mean / std)
-            x = x.to(device).contiguous(memory_format=torch.channels_last)
-            y = train_labels[index].to(device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            if step % 10 == 0 or step == steps_per_epoch - 1:
-                progress.update(step, total_loss / seen, correct / seen, seen)
-        test_accuracy, _ = evaluate(model, test_x, test_labels)
-        history.append(dict(epoch=epoch + 1, train_loss=total_loss / seen, train_accuracy=correct / seen,
-                            test_accuracy=test_accuracy))
-        progress.close(f"test acc {test_accuracy:.4f}")
+        history.append(train_epoch(model, optimizer, data, cfg, generator, epoch, device))
         torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), generator=generator.get_state(),
                         torch_rng=torch.get_rng_state(), epoch=epoch + 1, history=json.dumps(history)), state_path)
 
-    test_accuracy, confusion = evaluate(model, test_x, test_labels)
+    test_accuracy, confusion = evaluate(model, data.test_x, data.test_y)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               out_dir / f"{MODEL_NAME}.safetensors")
     record = dict(model=MODEL_NAME, config=asdict(cfg), device=device, torch=torch.__version__,

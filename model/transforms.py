@@ -138,9 +138,7 @@ def fit_grayscale_transform(cfg: PretrainedConfig) -> GeometricTransform:
 
     def transform(image: Image.Image) -> Tuple[Tensor, InputGeometry]:
         gray = to_mode(image, 1)
-        pixels = np.asarray(gray)
-        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-        if border.mean() > 127:
+        if _border(np.asarray(gray)).mean() > 127:
             gray = ImageOps.invert(gray)
         box, placed = (0, 0, side, side), (0, 0, side, side)
         if gray.size != (side, side):
@@ -164,11 +162,16 @@ def _frame_side(cfg: PretrainedConfig) -> int:
     return cfg.input_size[1] - 2 * fashion_mnist.PAD
 
 
+def _border(pixels: np.ndarray) -> np.ndarray:
+    """The outermost rows and columns of a (H, W) image, flat: what its background looks like."""
+    return np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+
+
 def _object_box(gray: Image.Image) -> Tuple[int, int, int, int]:
     """The box of pixels clearly brighter than the border of a light-on-dark image (the whole image
     when nothing stands out)."""
     pixels = np.asarray(gray, dtype=np.float32)
-    background = float(np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])))
+    background = float(np.median(_border(pixels)))
     foreground = pixels > background + 0.2 * (pixels.max() - background)
     if pixels.max() - background < 16 or not foreground.any():
         return 0, 0, gray.width, gray.height
@@ -219,23 +222,5 @@ def preprocess(images: Sequence[ImageSource], cfg: PretrainedConfig) -> Tensor:
     return torch.stack([transform(load_image(image)) for image in images])
 
 
-def preprocess_tensor(batch: Tensor, cfg: PretrainedConfig) -> Tensor:
-    """``eval_transform`` on a uint8 (B, C, H, W) batch already in the model's channel count.
-
-    Resizing runs on tensors (antialiased), so results differ from the PIL path by interpolation
-    rounding (about 1e-2 after normalization), not by geometry.
-    """
-    if cfg.preprocess != "center_crop":
-        raise ValueError(f"the tensor path implements the center_crop preprocessing, not {cfg.preprocess!r}")
-    if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] != cfg.input_size[0]:
-        raise ValueError(f"expected a uint8 (B, {cfg.input_size[0]}, H, W) batch, got {batch.dtype} "
-                         f"{tuple(batch.shape)}")
-    batch = v2.functional.resize(batch, [resize_size(cfg)], INTERPOLATIONS[cfg.interpolation], antialias=True)
-    batch = v2.functional.center_crop(batch, list(cfg.input_size[1:]))
-    batch = batch.float().div_(255)
-    return TF.normalize(batch, list(cfg.mean), list(cfg.std))
-
-
 __all__: List[str] = ["to_mode", "eval_transform", "fit_grayscale_transform", "build_transform",
-                      "build_geometric_transform", "preprocess",
-                      "preprocess_tensor", "resize_size", "decode_min_side"]
+                      "build_geometric_transform", "preprocess", "resize_size", "decode_min_side"]

@@ -1,10 +1,13 @@
 """Reading the project's Dockerfiles and .dockerignore as Docker does, for the tests that check them."""
 import fnmatch
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import List, Tuple
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.server import ROOT
+
+# What the images' HEALTHCHECK and compose's healthcheck run.
+HEALTHCHECK_SCRIPT = "docker/healthcheck.py"
 
 
 def copy_instructions(dockerfile: Path) -> List[Tuple[List[str], str]]:
@@ -14,6 +17,15 @@ def copy_instructions(dockerfile: Path) -> List[Tuple[List[str], str]]:
         *sources, destination = line.split()
         instructions.append((sources, destination))
     return instructions
+
+
+def image_path(dockerfile: Path, source: str) -> str:
+    """Where the Dockerfile's COPY puts the project file ``source`` in the image: relative
+    destinations start at its WORKDIR, and one ending in / is a folder."""
+    workdir = re.search(r"^WORKDIR (\S+)$", dockerfile.read_text(), flags=re.M)[1]
+    destination = next(destination for sources, destination in copy_instructions(dockerfile) if source in sources)
+    path = PurePosixPath(workdir, destination)
+    return str(path / PurePosixPath(source).name if destination.endswith("/") else path)
 
 
 def docker_ignored(path: str) -> bool:

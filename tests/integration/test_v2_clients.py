@@ -17,7 +17,7 @@ from PIL import Image
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from tritonclient.utils import InferenceServerException
 
-from benchmarks.server import ServerProcess, read_metric
+from benchmarks.server import ROOT, ServerProcess, read_metric
 from model import create_model
 from model.decoding import load_image
 from model.transforms import build_transform
@@ -174,7 +174,7 @@ def test_kserve_rest_client(server: ServerProcess) -> None:
 
 
 def test_the_readme_snippet_runs(server: ServerProcess, tmp_path: Path, monkeypatch, capsys) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     snippet = readme.split("### KServe / Triton clients", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     (tmp_path / "a.png").write_bytes(IMAGES[0])
     (tmp_path / "b.jpg").write_bytes(IMAGES[1])  # a PNG under another name: the service reads what it is

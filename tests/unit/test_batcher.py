@@ -64,15 +64,18 @@ def test_full_queue_refuses_the_whole_request() -> None:
 
     async def main():
         loop = asyncio.get_running_loop()
-        batcher.submit(jobs(loop, [0]))  # taken by the model thread, which then blocks
+        first, second = jobs(loop, [0]), jobs(loop, [1, 2])
+        batcher.submit(first)  # taken by the model thread, which then blocks
         await asyncio.sleep(0.1)
-        batcher.submit(jobs(loop, [1, 2]))
+        batcher.submit(second)
         with pytest.raises(QueueFullError):
             batcher.submit(jobs(loop, [3, 4]))  # 2 + 2 > 3: none of them is queued
-        assert batcher.depth == 2
         model.gate.set()
+        return [(await job.future).probs.item() for job in first + second]
 
-    asyncio.run(main())
+    assert asyncio.run(main()) == [0.0, 1.0, 2.0]
+    batcher.close()
+    assert batcher.drain(5) and len(model.batches) == 3  # the refused images never reached the model
 
 
 def test_expired_and_abandoned_jobs_are_dropped_before_compute() -> None:

@@ -14,8 +14,10 @@ import yaml
 
 from app.config import Settings
 from app.metrics import Metrics
+from benchmarks.server import ROOT
+from tests.dockerfiles import HEALTHCHECK_SCRIPT, image_path
+from tests.settings_names import SETTING_VARIABLES
 
-ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 MONITORING = ROOT / "docker" / "monitoring"
 PROFILES = ["", "gpu", "scale", "monitoring", "loadtest"]
@@ -72,7 +74,8 @@ def test_profiles_hold_the_services_each_is_for() -> None:
 def test_api_services_are_healthchecked_limited_and_restarted() -> None:
     for name in ("api", "api-gpu", "api-replica"):
         service = services()[name]
-        assert "/readyz" in " ".join(service["healthcheck"]["test"]), name
+        script = image_path(ROOT / service["build"]["dockerfile"], HEALTHCHECK_SCRIPT)
+        assert service["healthcheck"]["test"] == ["CMD", "python", script, "/readyz"], name
         assert service["restart"] == "unless-stopped", name
         assert "memory" in service["deploy"]["resources"]["limits"], name
         assert "./checkpoints:/checkpoints:ro" in service["volumes"], name
@@ -90,9 +93,8 @@ def test_referenced_paths_exist() -> None:
 
 
 def test_settings_named_in_compose_exist() -> None:
-    fields = {f"HALO_{name.upper()}" for name in Settings.model_fields}
     named = set(re.findall(r"HALO_[A-Z_]+", COMPOSE_FILE.read_text()))
-    assert named and named <= fields, named - fields
+    assert named and named <= SETTING_VARIABLES, named - SETTING_VARIABLES
 
 
 def test_ports_match_the_service_and_its_consumers() -> None:
@@ -107,6 +109,14 @@ def test_ports_match_the_service_and_its_consumers() -> None:
         assert target["port"] == port
         assert set(target["names"]) <= set(services()), target["names"]
     assert "http://api:8000" in services()["loadtest"]["command"][1]
+
+
+def test_the_load_balancer_passes_every_body_the_api_would_take() -> None:
+    nginx = (ROOT / "docker" / "nginx.conf").read_text()
+    size, unit = re.search(r"^\s*client_max_body_size (\d+)([kKmMgG]?);", nginx, flags=re.M).groups()
+    limit = int(size) * {"": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30}[unit.lower()]
+    assert "HALO_MAX_BODY_BYTES" not in services()["api-replica"]["environment"]  # the replicas take the default
+    assert limit >= Settings().max_body_bytes, (limit, Settings().max_body_bytes)
 
 
 def test_grafana_provisioning_points_at_the_mounted_dashboard_and_prometheus() -> None:

@@ -1,17 +1,22 @@
 """The images, checked as far as a machine without a Docker engine can: hadolint, and everything
 the Dockerfiles copy or set exists in the project and its settings."""
+import http.server
+import json
+import os
 import re
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from app.config import Settings
-from tests.dockerfiles import copy_instructions, docker_ignored
+from benchmarks.server import ROOT
+from tests.dockerfiles import HEALTHCHECK_SCRIPT, copy_instructions, docker_ignored, image_path
+from tests.settings_names import SETTING_VARIABLES
 
-ROOT = Path(__file__).resolve().parents[2]
 SERVICE_DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cuda"]
 DOCKERFILES = SERVICE_DOCKERFILES + [ROOT / "docker" / "Dockerfile.loadtest"]
 HADOLINT = Path(sys.executable).parent / "hadolint"
@@ -40,9 +45,41 @@ def test_copied_paths_exist_and_are_not_docker_ignored(dockerfile: Path) -> None
 
 @pytest.mark.parametrize("dockerfile", SERVICE_DOCKERFILES, ids=lambda p: p.name)
 def test_service_settings_named_in_dockerfiles_exist(dockerfile: Path) -> None:
-    fields = {f"HALO_{name.upper()}" for name in Settings.model_fields}
-    assert set(re.findall(r"HALO_[A-Z_]+", dockerfile.read_text())) <= fields
+    assert set(re.findall(r"HALO_[A-Z_]+", dockerfile.read_text())) <= SETTING_VARIABLES
     assert "EXPOSE 8000" in dockerfile.read_text() and Settings().port == 8000
+
+
+@pytest.mark.parametrize("dockerfile", SERVICE_DOCKERFILES, ids=lambda p: p.name)
+def test_healthcheck_runs_the_script_the_image_copies(dockerfile: Path) -> None:
+    command = re.search(r"^HEALTHCHECK .*\\\n\s*CMD (.+)$", dockerfile.read_text(), flags=re.M)[1]
+    assert json.loads(command) == ["python", image_path(dockerfile, HEALTHCHECK_SCRIPT), "/healthz"]
+
+
+class AliveNotReady(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/healthz" else 503)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:  # keep the test's output to the failures
+        pass
+
+
+def run_healthcheck(path: str, port: int) -> int:
+    command = [sys.executable, str(ROOT / HEALTHCHECK_SCRIPT), path]
+    return subprocess.run(command, env={**os.environ, "HALO_PORT": str(port)}, timeout=30).returncode
+
+
+def test_healthcheck_script_exits_0_on_200_and_1_otherwise() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AliveNotReady)
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert run_healthcheck("/healthz", port) == 0 and run_healthcheck("/readyz", port) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert run_healthcheck("/healthz", port) == 1  # nothing listens
+    assert set(re.findall(r"HALO_[A-Z_]+", (ROOT / HEALTHCHECK_SCRIPT).read_text())) <= SETTING_VARIABLES
 
 
 @pytest.mark.slow

@@ -72,6 +72,11 @@ def pipeline(request):
     pool.shutdown()
 
 
+def queued(pipeline: Pipeline) -> float:
+    """Images waiting for the model, as /metrics shows them."""
+    return pipeline.metrics.registry.get_sample_value("halo_queue_depth")
+
+
 def predict(pipeline: Pipeline, files: List[bytes], **options) -> List[dict]:
     return pipeline.predict(files, PredictOptions(**options), time.monotonic() + 30)
 
@@ -137,7 +142,7 @@ def test_requests_the_model_cannot_answer_are_refused_before_decoding(pipeline, 
     with pytest.raises(ServiceError) as refused:
         asyncio.run(predict(pipeline, files, **options))
     assert (refused.value.status, refused.value.code) == (status, code)
-    assert pipeline.batcher.depth == 0 and pipeline.engine.forwards == []
+    assert queued(pipeline) == 0 and pipeline.engine.forwards == []
 
 
 def test_a_failing_heatmap_fails_its_own_request_only(pipeline, monkeypatch) -> None:
@@ -226,4 +231,4 @@ def test_a_deadline_that_passes_while_decoding_is_504_and_says_so() -> None:
         asyncio.run(pipeline.predict([b"\x01"], PredictOptions(), time.monotonic() + 0.1))
     assert (late.value.status, late.value.code) == (504, "deadline_exceeded")
     assert "while its images were decoded" in late.value.message
-    assert pipeline.batcher.depth == 0
+    assert queued(pipeline) == 0

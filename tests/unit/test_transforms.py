@@ -9,13 +9,13 @@ import pytest
 import skimage.data
 import timm
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms import functional as TF
 
 from model import create_model
 from model.decoding import load_image
-from model.transforms import build_transform, decode_min_side, preprocess, preprocess_tensor, resize_size, to_mode
+from model.transforms import build_transform, decode_min_side, preprocess, resize_size, to_mode
 
 PHOTOS = {"astronaut": skimage.data.astronaut, "coffee": skimage.data.coffee, "chelsea": skimage.data.chelsea}
 
@@ -29,16 +29,6 @@ def test_matches_timm_eval_transform(model_name: str, photo: str) -> None:
     actual = build_transform(create_model(model_name).pretrained_cfg)(image)
     assert actual.shape == expected.shape == (3, 256, 256)
     assert (actual - expected).abs().max().item() <= 1e-3
-
-
-def test_tensor_path_matches_the_pil_path_up_to_interpolation_rounding() -> None:
-    cfg = create_model("halonet26t").pretrained_cfg
-    photo = skimage.data.coffee()
-    from_pil = build_transform(cfg)(Image.fromarray(photo))
-    from_tensor = preprocess_tensor(torch.from_numpy(photo).permute(2, 0, 1)[None], cfg)[0]
-    assert (from_pil - from_tensor).abs().max().item() <= 0.05
-    with pytest.raises(ValueError, match="expected a uint8"):
-        preprocess_tensor(torch.zeros(1, 3, 8, 8), cfg)
 
 
 def _png(image: Image.Image, **kwargs) -> bytes:
@@ -132,3 +122,12 @@ def test_elongated_images_resize_only_the_band_the_crop_keeps() -> None:
         image = Image.fromarray(skimage.data.astronaut()).resize(size)
         whole = TF.normalize(TF.to_tensor(crop(resize(image))), list(cfg.mean), list(cfg.std))
         assert (transform(image) - whole).abs().max().item() < 0.1  # a few levels of 255 in some pixels
+
+
+def test_fit_grayscale_reads_the_background_off_the_outermost_pixels() -> None:
+    """A dark image in a light frame one pixel wide is a dark object on a light background: inverted,
+    it fills the model's 28x28 frame, light on black."""
+    cfg = create_model("halonet_compact").pretrained_cfg
+    framed = ImageOps.expand(Image.new("L", (98, 98), 0), border=1, fill=255)
+    pixels = build_transform(cfg)(framed)[0] * cfg.std[0] + cfg.mean[0]
+    assert pixels[2:30, 2:30].min().item() > 0.99 and pixels[:2].max().item() < 0.01
