@@ -30,7 +30,8 @@ EXTENSIONS = ["binary_tensor_data", "classification"]
 IMAGES, PIXELS = "images", "pixels"  # the inputs
 PROBABILITIES, HEATMAPS = "probabilities", "heatmaps"  # the outputs
 MODEL_ERRORS = {status: {"model": V2Error} for status in (404, 503)}
-INFER_ERRORS = {status: {"model": V2Error} for status in (400, 404, 408, 413, 415, 422, 503, 504)}
+# As /predict's: a bug's 500 is documented; a 499 (the client left) reaches no one.
+INFER_ERRORS = {status: {"model": V2Error} for status in (400, 404, 408, 413, 415, 422, 500, 503, 504)}
 
 
 def _path_parameters(*names: str) -> List[dict]:

@@ -1,15 +1,19 @@
 """Checkpoint loading: timm's files load and give timm's logits; bad files fail clearly and run nothing."""
 import os
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from timm.models.byoanet import model_cfgs
+from timm.models.byobnet import ByobNet
 
 from benchmarks.model import randomize_
-from model import CheckpointError, create_model, load_checkpoint
+from model import CheckpointError, HaloNet, create_model, load_checkpoint
+from model.halonet import MODEL_CONFIGS
 
 NAME = "eca_halonext26ts"
 
@@ -64,6 +68,41 @@ def test_same_keys_wrong_shapes_are_listed(tmp_path: Path) -> None:
     save_file(create_model("halonet_compact", num_classes=3).state_dict(), path)
     with pytest.raises(CheckpointError, match=r"shape mismatches: head.fc.bias \(3,\) vs model \(10,\)"):
         load_checkpoint(create_model("halonet_compact"), path)
+
+
+def _timm_halonet26t_of_2021() -> torch.nn.Module:
+    """timm's halonet26t as its first weights (halonet26t_256-9b4bf0b3.pth) were trained: today's
+    definition with ``dim_head=16`` in its halo layers, which timm's commit a85df349 (October 2021)
+    removed; the keys and shapes of that commit's parent's halonet26t are this model's."""
+    cfg = model_cfgs["halonet26t"]
+    model = ByobNet(replace(cfg, self_attn_kwargs={**cfg.self_attn_kwargs, "dim_head": 16})).eval()
+    randomize_(model)
+    return model
+
+
+def test_timm_2021_halonet26t_layout_is_refused_saying_why(tmp_path: Path) -> None:
+    old = _timm_halonet26t_of_2021()
+    path = tmp_path / "halonet26t_256.safetensors"
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(create_model("halonet26t"), path)
+    message = str(error.value)
+    assert "halo attention layers have query/key heads of another width" in message
+    assert "stages.2.1.self_attn 16 vs 32, stages.3.0.self_attn 16 vs 64, stages.3.1.self_attn 16 vs 64" in message
+    assert "Older timm gave every head 16" in message and "halonet26t.a1h_in1k" in message
+    assert "shape mismatches: stages.2.1.self_attn.kv.weight (384, 256, 1, 1) vs model (512, 256, 1, 1)" in message
+    # The way out the message names: the file's head width, which gives that timm model's logits.
+    ours = HaloNet(replace(MODEL_CONFIGS["halonet26t"], dim_head=16), backend="reference").eval()
+    load_checkpoint(ours, path)
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        assert (ours(x) - old(x)).abs().max().item() <= 1e-4
+
+
+def test_other_misfits_do_not_blame_the_halo_layout(saved: dict) -> None:
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(create_model(NAME, num_classes=3), saved["safetensors"])
+    assert "shape mismatches: head.fc.bias" in str(error.value) and "query/key" not in str(error.value)
 
 
 class _Exploit:
