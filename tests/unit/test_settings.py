@@ -1,5 +1,5 @@
 """What README says about the service is what the code does: its settings with their defaults, its
-endpoints and the statuses it answers with."""
+endpoints, the statuses it answers with and the models it can serve."""
 import re
 from typing import Set, Tuple
 
@@ -10,6 +10,7 @@ from starlette.routing import Mount
 from app import routes, v2
 from app.config import Settings
 from app.main import create_app
+from model import list_models
 from benchmarks.server import ROOT
 from tests.settings_names import SETTING_VARIABLES, setting_variable
 
@@ -85,3 +86,14 @@ def test_readme_lists_every_error_status_the_app_answers_with() -> None:
     infer = {int(s) for s in spec["/v2/models/{name}/infer"]["post"]["responses"] if s != "200"}
     assert predict == _readme_statuses() - {404, 405, 499}
     assert infer == _readme_statuses() - {405, 499}
+
+
+def _model_names(text: str) -> Set[str]:
+    """Every `name` in backquotes that reads as a HaloNet registry name (not a metric, an image or a file)."""
+    return set(re.findall(r"`([a-z_]*halone[tx][a-z0-9_]*)`", text))
+
+
+def test_readme_names_every_registered_model_and_no_other() -> None:
+    assert _model_names(README) == set(list_models())
+    models_doc = (ROOT / "docs" / "models.md").read_text()
+    assert _model_names(models_doc) <= set(list_models()), "docs/models.md names a model the registry lacks"
