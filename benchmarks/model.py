@@ -2,10 +2,18 @@
 
 Ours is built from our registry, loaded with the timm model's state dict (strictly), and
 prepared as the service runs it (``prepare_for_inference``: eval, BatchNorm folded,
-channels_last). timm runs as users get it (NCHW) and, for a fair second figure, in
-channels_last too. All are timed alternately over several rounds; each row reports images/s,
-both ratios, and the largest absolute logit difference (random weights scaled to keep
-activations of order one).
+channels_last). The contenders (``--contenders``), timed alternately over several rounds:
+
+- ``timm``: timm's model as users get it (NCHW); ``timm_channels_last``: the same in channels_last;
+  ``timm_compiled``: under inductor with frozen weights (``torch.compile``);
+- ``onnxruntime``: timm's model exported as a user would (the dynamo exporter, dynamic batch) and
+  run by ONNX Runtime's CPU provider on the same threads, spinning off;
+- ``ours``: eager; ``ours_traced``: the one TorchScript graph the service runs (``HALO_GRAPH``);
+  ``ours_compiled``: under inductor with frozen weights, the ``cpp`` kernel inside the graph.
+
+Each row reports images/s, ours over ONNX Runtime and timm, the compile seconds of what compiles
+(one graph per batch size) and the largest absolute logit difference from timm eager (random
+weights scaled to keep activations of order one).
 
     python -m benchmarks.model                          # CPU, batch 1 and 8, fp32
     python -m benchmarks.model --device cuda            # GPU, batch 64, fp16 and bf16
@@ -14,14 +22,18 @@ activations of order one).
 import argparse
 import copy
 import json
-from typing import Dict, List
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from benchmarks.timing import add_common_arguments, check_device, geomean, time_alternating
 from model import create_model
-from model.inference import prepare_for_inference
+from model.inference import compile_for_inference, prepare_for_inference, trace_for_inference
 
 TIMM_MODELS = ("halonet_h1", "halonet26t", "sehalonet33ts", "halonet50ts", "eca_halonext26ts")
 
@@ -44,8 +56,12 @@ def randomize_(model: nn.Module, seed: int = 0) -> None:
             b.copy_(0.5 + torch.rand(b.shape, generator=generator))
 
 
+CONTENDERS = ("timm", "timm_channels_last", "timm_compiled", "onnxruntime", "ours", "ours_traced", "ours_compiled")
+DEFAULT_CONTENDERS = ("timm", "timm_channels_last", "onnxruntime", "ours", "ours_traced", "ours_compiled")
+
+
 def build_models(name: str, device: str, dtype: torch.dtype) -> tuple:
-    """timm's model (NCHW), the same in channels_last, and ours prepared for serving: same weights."""
+    """timm's model (NCHW) and ours prepared for serving (BN folded, channels_last): same weights."""
     import timm
 
     theirs = timm.create_model(name).eval()
@@ -53,57 +69,127 @@ def build_models(name: str, device: str, dtype: torch.dtype) -> tuple:
     ours = create_model(name)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     ours = prepare_for_inference(ours, device, dtype, channels_last=True)
-    theirs = theirs.to(device, dtype).requires_grad_(False)
-    theirs_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
-    return theirs, theirs_cl, ours
+    return theirs.to(device, dtype).requires_grad_(False), ours
+
+
+def compiled(model: nn.Module, x: Tensor) -> Tuple[Callable[[], Tensor], float]:
+    """``compile_for_inference(model)`` (one graph per batch size) called on ``x``, and the seconds its
+    first call took (the compile)."""
+    fn = compile_for_inference(model)
+    start = time.perf_counter()
+    with torch.no_grad():
+        fn(x)
+    return lambda: fn(x), time.perf_counter() - start
+
+
+def onnxruntime_session(model: nn.Module, example: Tensor, threads: int, directory: Path):
+    """timm's model exported as a user would (the dynamo exporter, a dynamic batch), run by ONNX Runtime's
+    CPU provider on ``threads`` intra-op threads, without spinning (an idle spinning pool would steal
+    the next contender's cores)."""
+    import onnxruntime
+
+    path = directory / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["x"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def contenders_for(which: List[str], theirs: nn.Module, ours: nn.Module, x: Tensor, session,
+                   compile_seconds: Dict[str, float]) -> Dict[str, Callable[[], object]]:
+    """The callables to time on ``x``, by contender name; what compiles records its compile time."""
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    # Dynamo keeps at most 8 graphs per forward function (every model of a family shares one) and
+    # past that runs it eagerly without a word: each row compiles afresh.
+    torch._dynamo.reset()
+    fns: Dict[str, Callable[[], object]] = {}
+    for name in which:
+        if name == "timm":
+            fns[name] = lambda: theirs(x)
+        elif name == "timm_channels_last":
+            theirs_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
+            fns[name] = lambda: theirs_cl(x_cl)
+        elif name == "timm_compiled":
+            fns[name], compile_seconds[name] = compiled(theirs, x)
+        elif name == "onnxruntime":
+            feed = {"x": x.numpy()}
+            fns[name] = lambda: torch.from_numpy(session.run(None, feed)[0])
+        elif name == "ours":
+            fns[name] = lambda: ours(x_cl)
+        elif name == "ours_traced":
+            graph = trace_for_inference(ours, x_cl)
+            fns[name] = lambda: graph(x_cl)
+        elif name == "ours_compiled":
+            fns[name], compile_seconds[name] = compiled(ours, x_cl)
+    return fns
 
 
 def run(names: List[str], batches: List[int], device: str, dtypes: List[torch.dtype], rounds: int,
-        seconds: float) -> Dict[str, object]:
+        seconds: float, which: List[str]) -> Dict[str, object]:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        which = [name for name in which if name != "onnxruntime"]  # its CUDA provider is not installed here
     rows = []
     for name in names:
         for dtype in dtypes:
-            theirs, theirs_cl, ours = build_models(name, device, dtype)
+            theirs, ours = build_models(name, device, dtype)
             size = ours.pretrained_cfg.input_size
-            for batch in batches:
-                x = torch.randn(batch, *size, device=device, dtype=dtype)
-                x_cl = x.contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode():
-                    expected, actual = theirs(x), ours(x_cl)
-                    err = (expected.float() - actual.float()).abs().max().item()
-                    same_top5 = bool((expected.topk(5).indices == actual.topk(5).indices).all())
-                    t_timm, t_timm_cl, t_ours = time_alternating(
-                        [lambda: theirs(x), lambda: theirs_cl(x_cl), lambda: ours(x_cl)], rounds, seconds, sync)
-                row = dict(model=name, dtype=str(dtype).split(".")[-1], batch=batch,
-                           timm_images_per_s=batch / t_timm, timm_channels_last_images_per_s=batch / t_timm_cl,
-                           ours_images_per_s=batch / t_ours, speedup=t_timm / t_ours,
-                           speedup_vs_channels_last=t_timm_cl / t_ours, max_abs_logit_diff=err, same_top5=same_top5)
-                rows.append(row)
-                print(f"{name:<18} {row['dtype']:<8} b{batch:<3} timm {row['timm_images_per_s']:7.1f}"
-                      f" (channels_last {row['timm_channels_last_images_per_s']:7.1f}) img/s"
-                      f"  ours {row['ours_images_per_s']:7.1f} img/s  x{row['speedup']:5.2f}"
-                      f" (x{row['speedup_vs_channels_last']:4.2f})  logit err {err:.1e}"
-                      f"  top5 {'same' if same_top5 else 'DIFFERENT'}", flush=True)
-    print(f"geometric-mean speedup x{geomean([r['speedup'] for r in rows]):.2f} "
-          f"(x{geomean([r['speedup_vs_channels_last'] for r in rows]):.2f} against timm in channels_last)")
+            with tempfile.TemporaryDirectory() as directory:
+                session = (onnxruntime_session(theirs, torch.randn(2, *size), torch.get_num_threads(), Path(directory))
+                           if "onnxruntime" in which else None)
+                for batch in batches:
+                    rows.append(_row(name, dtype, batch, theirs, ours, session, which, rounds, seconds, sync, device))
+    print(f"geometric mean, ours over timm: x{geomean([r['speedup'] for r in rows]):.2f}")
     return dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                 threads=torch.get_num_threads(), torch=torch.__version__, rows=rows)
+
+
+def _row(name: str, dtype: torch.dtype, batch: int, theirs: nn.Module, ours: nn.Module, session, which: List[str],
+         rounds: int, seconds: float, sync: Callable[[], None], device: str) -> Dict[str, object]:
+    x = torch.randn(batch, *ours.pretrained_cfg.input_size, device=device, dtype=dtype)
+    compile_seconds: Dict[str, float] = {}
+    with torch.inference_mode():
+        expected = theirs(x).float()
+    fns = contenders_for(which, theirs, ours, x, session, compile_seconds)
+    with torch.inference_mode():
+        errors = {contender: (fn().float() - expected).abs().max().item() for contender, fn in fns.items()}
+        times = time_alternating(list(fns.values()), rounds, seconds, sync)
+    images_per_s = {contender: batch / t for contender, t in zip(fns, times)}
+    row = dict(model=name, dtype=str(dtype).split(".")[-1], batch=batch, images_per_s=images_per_s,
+               max_abs_logit_diff=errors, compile_seconds=compile_seconds,
+               speedup=images_per_s["ours"] / images_per_s["timm"] if {"ours", "timm"} <= set(fns) else 1.0)
+    figures = "  ".join(f"{contender} {ips:6.1f}" for contender, ips in images_per_s.items())
+    ratios = "  ".join(f"{ours_name}/{other} x{images_per_s[ours_name] / images_per_s[other]:.2f}"
+                       for ours_name in ("ours_traced", "ours_compiled") for other in ("onnxruntime", "timm")
+                       if {ours_name, other} <= set(images_per_s))
+    worst = max(errors.values())
+    print(f"{name:<18} {row['dtype']:<8} b{batch:<3} img/s: {figures}  |  {ratios}  |  max logit err {worst:.1e}"
+          + (f"  |  compile s: {', '.join(f'{k} {v:.0f}' for k, v in compile_seconds.items())}"
+             if compile_seconds else ""), flush=True)
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(TIMM_MODELS), choices=TIMM_MODELS)
+    parser.add_argument("--contenders", nargs="+", default=list(DEFAULT_CONTENDERS), choices=CONTENDERS,
+                        help="what runs beside each other (timm_compiled: about a minute of compile per row)")
     add_common_arguments(parser, rounds=5, seconds=3.0)
     args = parser.parse_args()
     check_device(parser, args)
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
         result = run(args.models, args.batch or [64], "cuda", [torch.float16, torch.bfloat16], args.rounds,
-                     args.seconds)
+                     args.seconds, args.contenders)
     else:
         print(f"HaloNets, timm vs ours, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")
-        result = run(args.models, args.batch or [1, 8], "cpu", [torch.float32], args.rounds, args.seconds)
+        result = run(args.models, args.batch or [1, 8], "cpu", [torch.float32], args.rounds, args.seconds,
+                     args.contenders)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

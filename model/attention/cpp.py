@@ -32,6 +32,8 @@ _loaded = False
 def load() -> Optional[str]:
     """Build (or find in the cache) and load the kernel; returns why it failed, or None."""
     global _build_error, _loaded
+    if _loaded or _build_error is not None:  # read without the lock: torch.compile traces this, and no lock
+        return _build_error
     with _lock:
         if _loaded or _build_error is not None:
             return _build_error
