@@ -60,8 +60,10 @@ def compatible_backends(x: Tensor, needs_grad: bool = False) -> List[str]:
 
 
 def _auto(x: Tensor, needs_grad: bool) -> str:
-    # The compiled kernels beat fused on every shape measured (docs/performance.md). Triton is a
-    # candidate for CUDA inputs only: on the CPU it would be its interpreter, an emulation for tests.
+    # The compiled kernels beat fused on every shape measured in the earlier sessions; on the AVX2 EPYC
+    # of 2026-12-02 cpp lost on most (docs/performance.md, "Against ONNX Runtime"), so this order is to be
+    # decided by measurement where the service runs (issue 18). Triton is a candidate for CUDA inputs
+    # only: on the CPU it would be its interpreter, an emulation for tests.
     candidates = ("triton", "cpp") if x.is_cuda else ("cpp",)
     return next((name for name in candidates if BACKENDS[name].unavailable_reason(x, needs_grad) is None), "fused")
 
