@@ -144,7 +144,9 @@ def run(names: List[str], batches: List[int], device: str, dtypes: List[torch.dt
                            if "onnxruntime" in which else None)
                 for batch in batches:
                     rows.append(_row(name, dtype, batch, theirs, ours, session, which, rounds, seconds, sync, device))
-    print(f"geometric mean, ours over timm: x{geomean([r['speedup'] for r in rows]):.2f}")
+    speedups = [r["speedup"] for r in rows if r["speedup"] is not None]
+    if speedups:
+        print(f"geometric mean, ours over timm: x{geomean(speedups):.2f}")
     return dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                 threads=torch.get_num_threads(), torch=torch.__version__, rows=rows)
 
@@ -162,7 +164,7 @@ def _row(name: str, dtype: torch.dtype, batch: int, theirs: nn.Module, ours: nn.
     images_per_s = {contender: batch / t for contender, t in zip(fns, times)}
     row = dict(model=name, dtype=str(dtype).split(".")[-1], batch=batch, images_per_s=images_per_s,
                max_abs_logit_diff=errors, compile_seconds=compile_seconds,
-               speedup=images_per_s["ours"] / images_per_s["timm"] if {"ours", "timm"} <= set(fns) else 1.0)
+               speedup=images_per_s["ours"] / images_per_s["timm"] if {"ours", "timm"} <= set(fns) else None)
     figures = "  ".join(f"{contender} {ips:6.1f}" for contender, ips in images_per_s.items())
     ratios = "  ".join(f"{ours_name}/{other} x{images_per_s[ours_name] / images_per_s[other]:.2f}"
                        for ours_name in ("ours_traced", "ours_compiled") for other in ("onnxruntime", "timm")
