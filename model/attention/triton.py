@@ -18,7 +18,7 @@ that, at small sizes).
 """
 import math
 import os
-from typing import Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,7 @@ if triton is not None:
 
     @triton.jit
     def _window_tile_logits(q, q_height, q_width, k_base, kv_sc, kv_sy, kv_sx, k0, top, left, H, W, qy, qx, q_ok,
-                            dk, dk_ok, qk_factor, rel_factor, WIN: tl.constexpr, BLOCK_K: tl.constexpr,
+                            dk, dk_ok, qk_factor, rel_factor, WIN, BLOCK_K: tl.constexpr,
                             PRECISION: tl.constexpr):
         """Logits (log2 units) of the queries against keys k0..k0+BLOCK_K of the window, with the
         key indices, which keys exist, which lie inside the map, and their pixel offsets."""
@@ -80,7 +80,13 @@ if triton is not None:
 
     # One body, not split further: the queries, position tables and softmax statistics stay in registers
     # across both passes, and a helper would only take them all as arguments (see _window_tile_logits).
-    @triton.jit
+    # The layer's geometry and WRITE_MAPS are run-time arguments, not specialised on their values: only
+    # the tile sides and the dtype make distinct programs, so that the 52 layer geometries of the
+    # registered models share a few dozen compiled kernels (a GPU compiles each on first use, and
+    # tests/unit/test_triton_compile.py compiles all of them for sm_80 and sm_90). DK and DV keep
+    # Triton's divisibility-by-16 specialisation: it lets the head's channels load as vectors.
+    @triton.jit(do_not_specialize=["H", "W", "blocks_w", "num_blocks", "q_tiles",
+                                   "HEADS", "BS", "BQ", "HALO", "WIN", "WRITE_MAPS"])
     def _halo_attention_kernel(
             q_ptr, kv_ptr, height_ptr, width_ptr, out_ptr, maps_ptr,
             q_sb, q_sc, q_sy, q_sx,
@@ -89,9 +95,8 @@ if triton is not None:
             rel_sr, rel_sd,
             H, W, blocks_w, num_blocks, q_tiles,
             qk_factor, rel_factor,
-            HEADS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-            BS: tl.constexpr, BQ: tl.constexpr, HALO: tl.constexpr, WIN: tl.constexpr,
-            WRITE_MAPS: tl.constexpr, PRECISION: tl.constexpr,
+            HEADS, DK, DV, BS, BQ, HALO, WIN, WRITE_MAPS,
+            PRECISION: tl.constexpr,
             BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DK: tl.constexpr,
             BLOCK_DV: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
@@ -171,39 +176,67 @@ def _next_power_of_2(n: int, at_least: int = 16) -> int:
     return max(at_least, 1 << (n - 1).bit_length())
 
 
-def _launch(q: Tensor, kv: Tensor, weights: HaloWeights, spec: HaloSpec,
-            with_maps: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """The kernel on the projections: the output and, with ``with_maps``, the per-block maps (else None)."""
-    B, _, H, W = kv.shape
-    heads, dk, dv = spec.num_heads, spec.dim_head_qk, spec.dim_head_v
-    bs, bq, win = spec.block_size, spec.query_block_size, spec.win_size
-    blocks_w = W // bs
-    num_blocks = (H // bs) * blocks_w
-    out = empty_output(kv, spec)  # kv has the input's size and memory format
+class KernelCall(NamedTuple):
+    """One launch of ``_halo_attention_kernel``, all decided but not run: what ``_launch`` runs, and what
+    tests/unit/test_triton_compile.py compiles ahead of time for GPUs that are not there."""
 
+    grid: Tuple[int, int, int]
+    args: Tuple[object, ...]
+    keywords: Dict[str, object]  # the constexprs, and the launch options num_warps and num_stages
+    out: Tensor
+    maps: Optional[Tensor]  # the per-(image x head, block, query tile) sums, when asked for
+
+
+def kernel_call(q: Tensor, kv: Tensor, weights: HaloWeights, spec: HaloSpec, with_maps: bool) -> KernelCall:
+    """The launch of the kernel on the projections, its output (and maps) allocated."""
+    B, _, H, W = kv.shape
+    heads, bq, win = spec.num_heads, spec.query_block_size, spec.win_size
+    blocks_w = W // spec.block_size
+    num_blocks = (H // spec.block_size) * blocks_w
+    out = empty_output(kv, spec)  # kv has the input's size and memory format
     block_q = min(MAX_BLOCK_Q, _next_power_of_2(bq * bq))
     q_tiles = triton.cdiv(bq * bq, block_q)
     maps = (torch.empty(B * heads * num_blocks * q_tiles * win * win, device=q.device, dtype=torch.float32)
-            if with_maps else out)  # an unused pointer when no maps are asked for
+            if with_maps else None)
     height_rel, width_rel = weights.height_rel, weights.width_rel
-    grid = (B * heads, num_blocks, q_tiles)
-    _halo_attention_kernel[grid](
-        q, kv, height_rel, width_rel, out, maps,
-        *q.stride(), *kv.stride(), *out.stride(), *height_rel.stride(),
-        H, W, blocks_w, num_blocks, q_tiles,
-        # Logits in log2 units (the softmax runs on exp2); position logits scaled only if asked.
-        spec.scale * LOG2E, (spec.scale if spec.scale_pos_embed else 1.0) * LOG2E,
-        HEADS=heads, DK=dk, DV=dv, BS=bs, BQ=bq, HALO=spec.halo_size, WIN=win,
-        WRITE_MAPS=with_maps,
+    args = (q, kv, height_rel, width_rel, out, out if maps is None else maps,  # an unused pointer without maps
+            *q.stride(), *kv.stride(), *out.stride(), *height_rel.stride(),
+            H, W, blocks_w, num_blocks, q_tiles,
+            # Logits in log2 units (the softmax runs on exp2); position logits scaled only if asked.
+            spec.scale * LOG2E, (spec.scale if spec.scale_pos_embed else 1.0) * LOG2E,
+            heads, spec.dim_head_qk, spec.dim_head_v, spec.block_size, bq, spec.halo_size, win, int(with_maps))
+    keywords = dict(
         # fp32 stays exact fp32 (no TF32) so that it matches the reference to 1e-5.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_Q=block_q, BLOCK_K=BLOCK_K, BLOCK_DK=_next_power_of_2(dk), BLOCK_DV=_next_power_of_2(dv),
-        BLOCK_R=_next_power_of_2(2 * win - 1),
-    )
-    if not with_maps:
-        return out, None
-    maps = maps.view(B, heads, num_blocks, q_tiles, win, win).sum(dim=(1, 3)) / (heads * bq * bq)
-    return out, maps
+        BLOCK_Q=block_q, BLOCK_K=BLOCK_K, BLOCK_DK=_next_power_of_2(spec.dim_head_qk),
+        BLOCK_DV=_next_power_of_2(spec.dim_head_v), BLOCK_R=_next_power_of_2(2 * win - 1))
+    keywords.update(launch_options(block_q, keywords["BLOCK_DV"], q.dtype))
+    return KernelCall((B * heads, num_blocks, q_tiles), args, keywords, out, maps)
+
+
+def launch_options(block_q: int, block_dv: int, dtype: torch.dtype) -> Dict[str, int]:
+    """Warps and software-pipelining stages of one program. Triton's defaults (4 warps, 3 stages) spilled
+    registers in the sm_80/sm_90 compiles for a 64 x 256 accumulator in fp16 and a 64 x 32 one in fp32,
+    and 3 stages of 64 x 256 fp32 tiles needed 196,864 B of shared memory, more than an A100's 166,912 B:
+    accumulators from 64 x 128 (from 64 x 32 in fp32) get 8 warps and one stage, the rest the defaults
+    (tests/unit/test_triton_compile.py prints what each kernel uses). To be tuned by timing on a GPU."""
+    accumulator = block_q * block_dv
+    if accumulator >= 64 * 128 or (dtype == torch.float32 and accumulator >= 64 * 32):
+        return dict(num_warps=8, num_stages=1)
+    return dict(num_warps=4, num_stages=3)
+
+
+def _launch(q: Tensor, kv: Tensor, weights: HaloWeights, spec: HaloSpec,
+            with_maps: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """The kernel on the projections: the output and, with ``with_maps``, the per-block maps (else None)."""
+    call = kernel_call(q, kv, weights, spec, with_maps)
+    _halo_attention_kernel[call.grid](*call.args, **call.keywords)
+    if call.maps is None:
+        return call.out, None
+    B, heads, bq = kv.shape[0], spec.num_heads, spec.query_block_size
+    num_blocks, q_tiles = call.grid[1], call.grid[2]
+    maps = call.maps.view(B, heads, num_blocks, q_tiles, spec.win_size, spec.win_size).sum(dim=(1, 3))
+    return call.out, maps / (heads * bq * bq)
 
 
 def attend(q: Tensor, kv: Tensor, weights: HaloWeights, spec: HaloSpec) -> Tensor:
