@@ -6,9 +6,9 @@ that a GPU cannot launch; this module runs Triton's whole pipeline down to a cub
 make: their halo layers are enumerated from the models themselves (``halo_layer_inputs``), with and
 without maps (one kernel: WRITE_MAPS is a run-time argument), in fp16 channels_last as served on a
 GPU; with TRITON_AOT_ALL=1 also in fp32 and bf16, and the GPU benchmark's NCHW layers. Each layer's
-launch is bound as Triton's JIT binds it (``kernel_call`` and the
-backend's binder: the same specialisation, the same divisibility hints), so the distinct kernels
-compiled here are the ones a GPU would compile, each once. Fails above the SM's shared memory;
+launch is bound as Triton's JIT binds it (``kernel_call`` and the backend's binder: the same
+specialisation, the same divisibility hints), so the distinct kernels compiled here are the ones a
+GPU would compile, each once. Fails above the SM's shared memory;
 warns on register spills (local memory in the cubin's resource usage: the compiled metadata's
 ``n_spills`` is only filled in when a GPU loads the kernel).
 """
@@ -133,17 +133,13 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> List[Dict[str, object]
     layers = layer_geometries()
     started = time.perf_counter()
     workers = len(os.sched_getaffinity(0))
-    environment = dict(os.environ)
-    os.environ.pop("TRITON_INTERPRET", None)
-    os.environ["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # the spawned workers read the environment
+        patch.delenv("TRITON_INTERPRET", raising=False)
+        patch.setenv("TRITON_CACHE_DIR", str(tmp_path_factory.mktemp("triton-cache")))
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             sources = [pool.submit(kernel_sources, arch, layers) for arch in SHARED_LIMIT]
             jobs = [job for future in sources for job in future.result().values()]
             results = [future.result() for future in [pool.submit(compile_kernel, **job) for job in jobs]]
-    finally:
-        os.environ.clear()
-        os.environ.update(environment)
     print(f"\n{len(results)} kernels compiled in {time.perf_counter() - started:.0f} s on {workers} cores")
     for r in sorted(results, key=lambda r: (r["arch"], -r["shared"])):
         print(f"sm_{r['arch']} shared {r['shared']:>6} B  registers {r['registers']:>3}  stack {r['stack']:>5} B  "
