@@ -34,14 +34,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
-import torch
 from torch import Tensor
 
 from .metrics import Metrics
 
-# (batch (B, C, H, W), each row's heatmap layer or None) -> (probabilities (B, classes), each row's
-# per-block maps, or None where its row asked for none).
-Forward = Callable[[Tensor, Sequence[Optional[str]]], Tuple[Tensor, Sequence[Optional[Tensor]]]]
+# (the batch's B images, (C, H, W) each, each row's heatmap layer or None) -> (probabilities (B, classes),
+# each row's per-block maps, or None where its row asked for none). The images come as a list: the
+# forward stacks them where its device wants them (on CUDA, straight into pinned memory).
+Forward = Callable[[Sequence[Tensor], Sequence[Optional[str]]], Tuple[Tensor, Sequence[Optional[Tensor]]]]
 
 
 class QueueFullError(Exception):
@@ -358,7 +358,7 @@ class Batcher:
 
     def _compute(self, jobs: List[Job], started: float) -> None:
         try:
-            probs, maps = self._forward(torch.stack([job.inputs for job in jobs]), [job.heatmap_layer for job in jobs])
+            probs, maps = self._forward([job.inputs for job in jobs], [job.heatmap_layer for job in jobs])
         except Exception as error:  # a failing forward fails its batch, never the process
             for job in jobs:
                 self._answer(job, error)

@@ -30,11 +30,18 @@ class Settings(BaseSettings):
                              "each when the model dominates (see model_workers)")
     model_workers: int = Field(
         0, ge=0, description="model threads, each forming and computing its own batches; 0 = one, or one per core "
-                             "when a batch-1 forward takes over 20 ms at start (the model dominates the request path)")
+                             "when a batch-1 forward takes over 20 ms at start (the model dominates the request path); "
+                             "on CUDA two, each with its own stream (one's copies and answers overlap the other's "
+                             "compute)")
     graph: Literal["auto", "traced", "eager"] = Field(
         "auto", description="traced: the model as one TorchScript graph, whose forward does not take the GIL per "
                             "op (checked bit for bit against the eager model at start); eager: plain PyTorch; "
                             "auto: traced on CPU when the check passes, eager otherwise")
+    cuda_graphs: bool = Field(
+        True, description="on CUDA: capture each batch-size bucket's forward (1, 2, 3, 4, 6, 8, 12, ... up to "
+                          "max_batch_size, batches padded up to the next) as a CUDA graph after its first pass, "
+                          "and replay it: one launch instead of hundreds; a size whose capture fails runs eagerly. "
+                          "Ignored on CPU")
     batch_policy: Literal["auto", "fixed", "adaptive"] = Field(
         "auto", description="fixed: wait up to max_wait_ms for images on their way, up to max_batch_size; adaptive: "
                             "wait for more images only while that lowers their expected latency (from the measured "
@@ -75,7 +82,8 @@ class Settings(BaseSettings):
     preprocess_threads: int = Field(4, ge=1, description="threads that decode and preprocess images")
     warmup: bool = Field(
         True, description="before /readyz says ready, run the model at batch sizes 1, 2, 4, ... (the powers of two up "
-                          "to max_batch_size) and once with heatmaps; the timings seed the batcher's forward costs")
+                          "to max_batch_size; on CUDA every bucket, each captured as a CUDA graph by every model "
+                          "worker) and once with heatmaps; the timings seed the batcher's forward costs")
     demo_page: bool = Field(True, description="serve the demo page at / (its files at /static/): drop images in a "
                                               "browser, see the top classes and heatmaps")
     log_level: str = Field("info", description="uvicorn and access log level")

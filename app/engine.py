@@ -5,9 +5,10 @@ import hashlib
 import logging
 import math
 import os
+import queue
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from model import HaloAttention, create_model, load_labels
 from model import heatmaps as heatmap_pictures
+from model.cuda_runner import DeviceRunner, bucket_sizes
 from model.halonet import HaloNet, shipped_weights
 from model.inference import (halo_layer_inputs, prepare_for_inference, seeing_inputs, trace_for_inference,
                              trace_with_maps)
@@ -63,6 +65,10 @@ def _file_digest(path: os.PathLike) -> str:
 # two workers against 9.3-10.3 from one forward on two threads (batches 1-8). The shipped model
 # takes 1-7 ms and serves more with a core left to the requests (docs/performance.md).
 MODEL_BOUND_FORWARD_S = 0.02
+# On a GPU: two model workers, each with its own stream, pinned buffers and CUDA graphs (model/cuda_runner.py):
+# while one hands out its batch's answers and forms the next batch, the other's batch computes, and
+# each copy to the device overlaps the other worker's compute.
+CUDA_MODEL_WORKERS = 2
 
 
 def usable_cores() -> int:
@@ -91,9 +97,12 @@ class Engine:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.workers, self.threads = default_parallelism(False, settings.model_workers, settings.threads)
-        torch.set_num_threads(self.threads)
         self.device = resolve_device(settings.device)
+        self.workers, self.threads = default_parallelism(False, settings.model_workers, settings.threads)
+        if self.device.type == "cuda":
+            self.workers = settings.model_workers or CUDA_MODEL_WORKERS
+            torch.backends.cudnn.benchmark = True  # a few fixed shapes (buckets): the best algorithm each
+        torch.set_num_threads(self.threads)
         self.dtype = DTYPES[settings.dtype]
         checkpoint = settings.checkpoint or shipped_weights(settings.model)
         model = create_model(settings.model, checkpoint=checkpoint, backend=settings.backend)
@@ -102,6 +111,15 @@ class Engine:
         self.parameters = sum(p.numel() for p in model.parameters())
         self.model: HaloNet = prepare_for_inference(model, self.device, self.dtype, channels_last=True)
         self.cfg = self.model.pretrained_cfg
+        # On CUDA, one runner per model worker, handed out per forward (a worker never waits: there are
+        # as many as workers); None on CPU, where forwards run the traced graph or the eager model.
+        self.runners: Optional[List[DeviceRunner]] = None
+        self._free_runners: "queue.SimpleQueue[DeviceRunner]" = queue.SimpleQueue()
+        if self.device.type == "cuda":
+            self.runners = [DeviceRunner(self._probabilities, self.cfg.input_size, settings.max_batch_size,
+                                         self.device, graphs=settings.cuda_graphs) for _ in range(self.workers)]
+            for runner in self.runners:
+                self._free_runners.put(runner)
         self.transform = build_geometric_transform(self.cfg)
         self.min_side = decode_min_side(self.cfg)  # a JPEG twice as large decodes at a reduced scale
         self.labels = load_labels(self.cfg.label_set) if self.cfg.label_set else [
@@ -127,6 +145,14 @@ class Engine:
             model_bound = self._batch_one_forward_seconds() > MODEL_BOUND_FORWARD_S
             self.workers, self.threads = default_parallelism(model_bound, settings.model_workers, settings.threads)
             torch.set_num_threads(self.threads)
+
+    @property
+    def execution(self) -> str:
+        """What a forward without heatmaps runs: ``traced`` (one TorchScript graph), ``cuda_graphs``
+        (CUDA graphs replayed per batch-size bucket) or ``eager``."""
+        if self.graph is not None:
+            return "traced"
+        return "cuda_graphs" if self.runners and self.settings.cuda_graphs else "eager"
 
     def _halo_layer_sizes_and_backends(self) -> Tuple[Dict[str, Tuple[int, int]], Dict[str, str]]:
         """By halo attention layer: the (H, W) it sees at the model's input size (inputs are fixed-size),
@@ -197,6 +223,11 @@ class Engine:
     def _model_input(self, batch: Tensor) -> Tensor:
         return batch.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
 
+    def _probabilities(self, batch: Tensor) -> Tensor:
+        """Class probabilities of a float32 batch on the model's device, left there: what a CUDA
+        runner runs and captures (the cast to the model's dtype and layout included)."""
+        return self.model(self._model_input(batch)).float().softmax(-1)
+
     def _batch_one_forward_seconds(self) -> float:
         """The fastest of three batch-1 forwards (after the trace's, which warmed the model up): the
         least disturbed by whatever else the machine runs while the service starts."""
@@ -254,11 +285,16 @@ class Engine:
         return load_image(data, max_pixels=self.settings.max_pixels, formats=ACCEPTED_FORMATS, min_side=self.min_side)
 
     @torch.inference_mode()
-    def forward(self, batch: Tensor, heatmap_layers: Sequence[Optional[str]]) -> Tuple[Tensor, List[Optional[Tensor]]]:
-        """Class probabilities (B, classes) and, for each row that names a halo layer, that layer's
-        per-block maps (blocks, win, win); None for the other rows. The maps come from the same
-        forward: the layer's input, for those rows only, through its map-returning path (a second
-        pass of that one layer for those rows, never the batch).
+    def forward(self, images: Union[Tensor, Sequence[Tensor]],
+                heatmap_layers: Sequence[Optional[str]]) -> Tuple[Tensor, List[Optional[Tensor]]]:
+        """Class probabilities (B, classes) of a batch of preprocessed images (a (B, C, H, W) tensor or
+        its B rows) and, for each row that names a halo layer, that layer's per-block maps (blocks,
+        win, win); None for the other rows. The maps come from the same forward: the layer's input,
+        for those rows only, through its map-returning path (a second pass of that one layer for
+        those rows, never the batch).
+
+        On CUDA a batch without maps runs on a free ``DeviceRunner``: the rows stacked straight into
+        its pinned buffer, then its bucket's CUDA graph (``HALO_CUDA_GRAPHS``).
 
         Where there is a traced graph (``self.graph``), a batch without maps runs it, and a batch
         whose rows ask for one layer runs that layer's graph, which also returns those rows' maps
@@ -270,6 +306,13 @@ class Engine:
         for row, layer in enumerate(heatmap_layers):
             if layer is not None:
                 rows_of.setdefault(layer, []).append(row)
+        if self.runners is not None and not rows_of:
+            runner = self._free_runners.get()
+            try:
+                return runner.run(images), [None] * len(images)
+            finally:
+                self._free_runners.put(runner)
+        batch = images if isinstance(images, Tensor) else torch.stack(list(images))
         x = self._model_input(batch)
         graph = self._maps_graph(next(iter(rows_of))) if len(rows_of) == 1 else None
         if graph is not None:
@@ -321,20 +364,29 @@ class Engine:
                 mosaic_png=base64.b64encode(heatmap_pictures.mosaic_png(maps, self._blocks(layer), spec)).decode())
         return payload
 
+    def warmup_sizes(self) -> List[int]:
+        """The batch sizes a warm-up runs: the powers of two up to the maximum; on CUDA, every bucket
+        (``model.cuda_runner.bucket_sizes``), so that each has its graph before the first request."""
+        if self.runners is not None:
+            return bucket_sizes(self.settings.max_batch_size)
+        return [1 << i for i in range(self.settings.max_batch_size.bit_length())]
+
     def warmup(self) -> Dict[int, float]:
-        """A forward pass at each power-of-two batch size up to the maximum, and one with heatmaps.
-        Returns the seconds of a second pass at each size by batch size (the first at a size is the
-        slower one: allocations, and the traced graph's profiling run): the batcher's first costs,
-        which its admission of requests and the adaptive policy read."""
+        """Forward passes at each of ``warmup_sizes``, and one with heatmaps. Returns the seconds of a
+        pass at each size once it is warm (the first at a size is the slower one: allocations, the
+        traced graph's profiling run; on CUDA, Triton's compiles, cuDNN's choice, every runner's
+        capture): the batcher's first costs, which its admission of requests and the adaptive policy
+        read."""
         seconds: Dict[int, float] = {}
-        size = 1
-        while size <= self.settings.max_batch_size:
+        for size in self.warmup_sizes():
             batch = torch.zeros(size, *self.cfg.input_size)
-            self.forward(batch, [None] * size)
+            for runner in self.runners or []:
+                runner.prepare(size)
+            if self.runners is None:
+                self.forward(batch, [None] * size)
             started = time.perf_counter()
             self.forward(batch, [None] * size)
             seconds[size] = time.perf_counter() - started
-            size *= 2
         if self.default_heatmap_layer:
             self.forward(torch.zeros(1, *self.cfg.input_size), [self.default_heatmap_layer])
         return seconds

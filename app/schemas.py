@@ -108,9 +108,10 @@ class ModelInfo(BaseModel):
     dtype: str
     threads: int = Field(description="torch CPU threads of each model worker")
     model_workers: int = Field(description="model threads, each forming and computing its own batches")
-    graph: str = Field(description="traced (TorchScript graphs) or eager: what forwards run; traced, a batch with "
-                                   "one layer's heatmaps runs a graph of its own too, one asking for several "
-                                   "layers at once runs eagerly")
+    graph: str = Field(description="traced (TorchScript graphs), cuda_graphs (on CUDA: a CUDA graph per batch-size "
+                                   "bucket) or eager: what forwards run; traced, a batch with one layer's heatmaps "
+                                   "runs a graph of its own too, one asking for several layers at once runs eagerly; "
+                                   "with cuda_graphs, batches with heatmaps run eagerly")
     halo_layers: List[str]
     default_heatmap_layer: Optional[str]
     batch_policy: str = Field(description="adaptive or fixed: what HALO_BATCH_POLICY (auto by default) chose")

@@ -48,8 +48,10 @@ class Service:
             self.pipeline = Pipeline(engine, batcher, self.preprocess_pool, self.settings, self.metrics)
             self.freeze_startup_heap()
             self.ready = True
-            log.info("model %s (%s) ready on %s, halo attention: %s", engine.name, engine.version, engine.device,
-                     ", ".join(engine.attention_backends) or "none")
+            log.info("model %s (%s) ready on %s, halo attention: %s, forwards: %s", engine.name, engine.version,
+                     engine.device, ", ".join(engine.attention_backends) or "none", engine.execution)
+            for i, runner in enumerate(engine.runners or []):
+                log.info("model worker %d: CUDA graphs of batch sizes %s", i, runner.captured or "none")
         except Exception as e:  # /readyz says why; the server (app/server.py) then exits with status 1
             self.load_error = f"{type(e).__name__}: {e}"
             if isinstance(e, (CheckpointError, ValueError)):  # a bad file or setting: its message says it all

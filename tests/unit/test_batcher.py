@@ -21,9 +21,10 @@ class FakeModel:
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, batch: torch.Tensor, layers: Sequence[Optional[str]]
+    def __call__(self, images: Sequence[torch.Tensor], layers: Sequence[Optional[str]]
                  ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
         self.gate.wait(10)
+        batch = torch.stack(list(images))
         self.batches.append(len(batch))
         self.layers.append(list(layers))
         return batch[:, 0], [row[:1] * 0 + 1 if layer else None for row, layer in zip(batch, layers)]
@@ -139,11 +140,11 @@ def test_close_refuses_new_work_and_drain_answers_the_accepted() -> None:
 def test_a_failing_forward_fails_its_batch_and_the_thread_goes_on() -> None:
     calls = []
 
-    def flaky(batch, layers):
-        calls.append(len(batch))
+    def flaky(images, layers):
+        calls.append(len(images))
         if len(calls) == 1:
             raise RuntimeError("out of memory")
-        return batch[:, 0], [None] * len(batch)
+        return torch.stack(images)[:, 0], [None] * len(images)
 
     batcher = Batcher(flaky, FixedWindow(4, 0.0), 100, Metrics())
     batcher.start()

@@ -45,8 +45,9 @@ class FakeEngine:
     def decode_with_source(self, data: bytes, picture_side: Optional[int] = None):
         return self.decode(data), SourceImage(InputGeometry((1, 1), (0, 0, 1, 1), (0, 0, 1, 1)))
 
-    def forward(self, batch: torch.Tensor, layers: Sequence[Optional[str]]):
+    def forward(self, images: Sequence[torch.Tensor], layers: Sequence[Optional[str]]):
         self.forwards.append(list(layers))
+        batch = torch.stack(list(images))
         probs = torch.nn.functional.one_hot(batch[:, 0].long(), len(self.labels)).float()
         return probs, [torch.ones(1, 2, 2) / 4 if layer else None for layer in layers]
 
