@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from benchmarks.timing import add_common_arguments, check_device, geomean, time_alternating
+from benchmarks.timing import add_common_arguments, check_device, geomean, synchronizer, time_alternating
 from model import create_model
 from model.inference import compile_for_inference, prepare_for_inference, trace_for_inference
 
@@ -131,7 +131,7 @@ def contenders_for(which: List[str], theirs: nn.Module, ours: nn.Module, x: Tens
 
 def run(names: List[str], batches: List[int], device: str, dtypes: List[torch.dtype], rounds: int,
         seconds: float, which: List[str]) -> Dict[str, object]:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     if device == "cuda":
         which = [name for name in which if name != "onnxruntime"]  # its CUDA provider is not installed here
     rows = []

@@ -30,6 +30,11 @@ def time_alternating(fns: List[Callable[[], object]], rounds: int, min_seconds: 
     return [statistics.median(s) for s in samples]
 
 
+def synchronizer(device: str) -> Callable[[], None]:
+    """What waits for a device's queued work before a clock is read: CUDA runs asynchronously, the CPU does not."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
 def geomean(values: List[float]) -> float:
     return math.exp(sum(map(math.log, values)) / len(values))
 

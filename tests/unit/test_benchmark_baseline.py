@@ -25,10 +25,26 @@ def test_gpu_table_runs_end_to_end(capsys) -> None:
 
     shape = LayerShape("tiny", 16, 16, 2, 2, 8, 4, 1, 8, 8)
     result = run_gpu([shape], batch=1, dtypes=[torch.float32], rounds=1, min_seconds=0.0, peak_gbs=100.0,
-                     device="cpu")
-    row = result["rows"][0]
+                     peak_tflops=2.0, device="cpu")
+    row, out = result["rows"][0], capsys.readouterr().out
     assert row["max_abs_err"]["triton"] <= 1e-5 and row["max_abs_err"]["fused"] <= 1e-5
-    assert row["kernel_gbs"] > 0 and "of 100 GB/s peak" in capsys.readouterr().out
+    assert row["kernel_gbs"] > 0 and "of 100 GB/s datasheet peak" in out
+    # The roofline, printed before the timed rows: the given ceilings, then each scope's cost and bound.
+    assert "roofline ceilings on cpu: given 100 GB/s, 2 TFLOP/s" in out
+    roofline_line = next(line for line in out.splitlines() if line.startswith(shape.label()))
+    assert roofline_line.count("GFLOP") == 2 and roofline_line.count("memory") == 2  # both scopes, memory-bound
+    assert out.index("roofline ceilings") < out.index("timm ") < out.index("of bound: kernel")
+    for scope in ("kernel_cost", "layer_cost"):
+        cost = row[scope]
+        assert cost["binds"] == "memory" and cost["bound_ms"] == cost["bytes"] / 100e9 * 1e3
+        assert cost["intensity"] == cost["flops"] / cost["bytes"]
+    assert row["kernel_fraction_of_bound"] == row["kernel_cost"]["bound_ms"] / row["triton_kernel_ms"]
+    for name in ("triton", "fused", "timm"):
+        assert row[f"{name}_fraction_of_bound"] == row["layer_cost"]["bound_ms"] / row[f"{name}_ms"]
+    summary = result["summary"]["float32"]
+    assert summary["largest_fraction_of_peak"] == row["kernel_gbs"] / 100
+    assert summary["largest_fraction_of_measured_bandwidth"] is None  # nothing measured on a CPU
+    assert result["ceilings"]["float32"] == dict(bandwidth_gbs=100.0, tflops=2.0, source="given")
 
 
 def test_cpu_table_runs_end_to_end(monkeypatch, capsys) -> None:
