@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-dev serve test test-docker screenshots bench bench-gpu train evaluate loadtest soak
+.PHONY: install install-dev serve test test-docker screenshots bench bench-gpu gpu-wheels gpu-measure train evaluate \
+	loadtest soak
 
 # Runtime dependencies only. The stamp makes re-runs instant until pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -48,6 +49,31 @@ bench-gpu: install-dev
 	$(PY) -m pytest -q tests/unit/test_triton_kernel.py
 	$(PY) -m benchmarks.attention --device cuda --json bench-gpu.json
 	$(PY) -m benchmarks.model --device cuda --json bench-gpu-model.json
+
+# The service's runtime dependencies but GPU_PROVIDED (torch brings triton and the CUDA libraries), with
+# what they need, as wheels for CPython GPU_PYTHON on x86_64 Linux in gpu-wheels/: for a GPU machine whose
+# own python has torch but no network (gpu-measure with WHEELS=gpu-wheels installs the ones it lacks).
+GPU_PYTHON ?= 3.12
+GPU_PROVIDED ?= torch torchvision numpy pillow
+# glibc 2.28 or later (torch's own wheels need it); pip takes each tag as it is, older ones listed too.
+GPU_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+GPU_REQUIREMENTS = $(shell $(PY) -c 'import re, shlex, tomllib; skip = "$(GPU_PROVIDED)".split(); \
+	deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+	print(" ".join(shlex.quote(d) for d in deps if re.match(r"[\w.-]+", d)[0] not in skip))')
+gpu-wheels: install
+	rm -rf gpu-wheels
+	$(PY) -m pip download --quiet --dest gpu-wheels --only-binary=:all: --implementation cp \
+		--python-version $(GPU_PYTHON) --abi cp$(subst .,,$(GPU_PYTHON)) --abi abi3 --abi none \
+		$(addprefix --platform ,$(GPU_PLATFORMS)) $(GPU_REQUIREMENTS)
+	du -sh gpu-wheels
+
+# On a GPU machine, in a few minutes: the kernel tests at real sizes, the GPU benchmarks and the service
+# on the GPU against the raw model (benchmarks/gpu_session.sh), logs and JSON in GPU_OUT. GPU_PY=python3
+# WHEELS=gpu-wheels for a machine's own python instead of the venv (no install then).
+GPU_OUT ?= gpu-results
+GPU_PY ?= $(PY)
+gpu-measure: $(if $(filter $(PY),$(GPU_PY)),install-dev)
+	PY=$(GPU_PY) WHEELS=$(WHEELS) bash benchmarks/gpu_session.sh $(GPU_OUT)
 
 # The shipped default model: train it from scratch (Fashion-MNIST from the Debian package
 # dataset-fashion-mnist), then check it. glibc keeps freed memory instead of returning it to the
