@@ -37,6 +37,16 @@ class Settings(BaseSettings):
         "auto", description="traced: the model as one TorchScript graph, whose forward does not take the GIL per "
                             "op (checked bit for bit against the eager model at start); eager: plain PyTorch; "
                             "auto: traced on CPU when the check passes, eager otherwise")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="on CPU: on: the model compiled ahead of time by AOTInductor (one program for every batch "
+                            "size, weights frozen; checked against the eager model at start), from compile_cache or "
+                            "compiled into it (minutes, once); auto: on where it was measured to win (see "
+                            "docs/performance.md), which the ready log and /v1/model report; off: the traced or eager "
+                            "model. Ignored on CUDA")
+    compile_cache: Optional[Path] = Field(
+        None, description="where compiled models are kept, one file per model, weights, machine and torch version; "
+                          "default $XDG_CACHE_HOME/halonet/compiled (~/.cache/halonet/compiled); the Docker image "
+                          "ships one, compiled at build time")
     cuda_graphs: bool = Field(
         True, description="on CUDA: capture each batch-size bucket's forward (1, 2, 3, 4, 6, 8, 12, ... up to "
                           "max_batch_size, batches padded up to the next) as a CUDA graph after its first pass, "

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from model import HaloAttention, create_model, load_labels
 from model import heatmaps as heatmap_pictures
+from model.compiled import CompiledModel, load_or_compile
 from model.cuda_runner import DeviceRunner, bucket_sizes
 from model.halonet import HaloNet, shipped_weights
 from model.inference import (halo_layer_inputs, prepare_for_inference, seeing_inputs, trace_for_inference,
@@ -69,6 +70,9 @@ MODEL_BOUND_FORWARD_S = 0.02
 # while one hands out its batch's answers and forms the next batch, the other's batch computes, and
 # each copy to the device overlaps the other worker's compute.
 CUDA_MODEL_WORKERS = 2
+# Largest logit difference from the eager model that a compiled model may show at start (float32 sums in
+# another order: 1e-6 seen), as a fraction of the largest logit.
+COMPILED_TOLERANCE = 1e-4
 
 
 def usable_cores() -> int:
@@ -126,6 +130,12 @@ class Engine:
             str(i) for i in range(self.cfg.num_classes)]
         self.halo_layers = dict(self.model.halo_layers())
         self.graph: Optional[torch.jit.ScriptModule] = None
+        self.compiled: Optional[CompiledModel] = None  # HALO_COMPILE's model, built last: a runner per model worker
+        self.compile_seconds: Optional[float] = None  # to compile it or load it from HALO_COMPILE_CACHE
+        self.compile_cached = False  # it came from HALO_COMPILE_CACHE
+        # Batch sizes (powers of two; a batch goes by the largest not above it) where the warm-up found the
+        # traced graph faster than the compiled model (HALO_COMPILE=auto only): those run traced.
+        self.traced_sizes: List[int] = []
         self.feature_sizes, self.layer_backends = self._halo_layer_sizes_and_backends()
         self.attention_backends: List[str] = sorted(set(self.layer_backends.values()))
         grids = {name: self._blocks(name) for name in self.halo_layers}
@@ -145,11 +155,15 @@ class Engine:
             model_bound = self._batch_one_forward_seconds() > MODEL_BOUND_FORWARD_S
             self.workers, self.threads = default_parallelism(model_bound, settings.model_workers, settings.threads)
             torch.set_num_threads(self.threads)
+        self.compiled = self._build_compiled()
 
     @property
     def execution(self) -> str:
-        """What a forward without heatmaps runs: ``traced`` (one TorchScript graph), ``cuda_graphs``
+        """What a forward without heatmaps runs: ``compiled`` (AOTInductor's program, ``HALO_COMPILE``),
+        ``traced`` (one TorchScript graph), ``cuda_graphs``
         (CUDA graphs replayed per batch-size bucket) or ``eager``."""
+        if self.compiled is not None:
+            return "compiled"
         if self.graph is not None:
             return "traced"
         return "cuda_graphs" if self.runners and self.settings.cuda_graphs else "eager"
@@ -185,6 +199,36 @@ class Engine:
             log.warning("the traced model's outputs differ from the eager model's: forwards run eagerly")
             return None
         return graph
+
+    def _build_compiled(self) -> Optional[CompiledModel]:
+        """The model compiled ahead of time (``model.compiled``) on the CPU unless ``HALO_COMPILE=off``, when
+        its answers are the eager model's within ``COMPILED_TOLERANCE`` on a random batch; else None.
+        With ``on``, a compile that fails or differs stops the start; with ``auto``, it is logged and
+        forwards run as without. (``auto`` compiles every model: it was faster than the traced graph for
+        every model and batch size measured, docs/performance.md; the warm-up checks it per batch size
+        on this machine, ``warmup``.)"""
+        mode = self.settings.compile
+        if mode == "off" or self.device.type != "cpu" or "triton" in self.attention_backends:
+            return None
+        try:
+            result = load_or_compile(self.model, self.cfg.input_size, self.workers, self.settings.compile_cache,
+                                     variant=",".join(self.attention_backends))
+            check = self._check_batch()
+            with torch.inference_mode():
+                expected = self.model(check)
+                difference = (result.model(check) - expected).abs().max().item()
+            if not difference <= COMPILED_TOLERANCE * max(1.0, expected.abs().max().item()):
+                raise ValueError(f"the compiled model's logits differ from the eager model's by {difference:.3g}")
+        except Exception as error:
+            if mode == "on":
+                raise ValueError(f"HALO_COMPILE=on: {type(error).__name__}: {error}") from error
+            log.warning("compiling the model failed (%s: %s): forwards run %s", type(error).__name__, error,
+                        "traced" if self.graph is not None else "eagerly")
+            return None
+        self.compile_seconds, self.compile_cached = result.seconds, result.cached
+        log.info("compiled model %s in %.1f s (%s)", result.model.path, result.seconds,
+                 "from the cache" if result.cached else "compiled now")
+        return result.model
 
     def _maps_graph(self, layer: str) -> Optional[torch.jit.ScriptModule]:
         """The traced graph of ``(logits, maps of the rows asked at layer)`` (``trace_with_maps``), built
@@ -296,7 +340,8 @@ class Engine:
         On CUDA a batch without maps runs on a free ``DeviceRunner``: the rows stacked straight into
         its pinned buffer, then its bucket's CUDA graph (``HALO_CUDA_GRAPHS``).
 
-        Where there is a traced graph (``self.graph``), a batch without maps runs it, and a batch
+        On CPU a batch without maps runs the compiled model where there is one (``HALO_COMPILE``), else
+        the traced graph where there is one (``self.graph``), and a batch
         whose rows ask for one layer runs that layer's graph, which also returns those rows' maps
         (``_maps_graph``: the eager answers, bit for bit). A batch asking for several layers runs
         eagerly, with a hook on each, as does every batch with maps where there is no graph (triton,
@@ -321,6 +366,8 @@ class Engine:
             maps: List[Optional[Tensor]] = [None] * len(batch)
             for row, row_maps in zip(rows, layer_maps.float().cpu()):
                 maps[row] = row_maps
+        elif self.compiled is not None and not rows_of and self._compiled_at(len(batch)):
+            logits, maps = self.compiled(x), [None] * len(batch)
         elif self.graph is not None and not rows_of:
             logits, maps = self.graph(x), [None] * len(batch)
         else:
@@ -364,6 +411,24 @@ class Engine:
                 mosaic_png=base64.b64encode(heatmap_pictures.mosaic_png(maps, self._blocks(layer), spec)).decode())
         return payload
 
+    def _compiled_at(self, size: int) -> bool:
+        """Whether a batch of ``size`` runs the compiled model: unless the warm-up found the traced graph
+        faster at the largest power of two not above it."""
+        return not self.traced_sizes or 1 << (size.bit_length() - 1) not in self.traced_sizes
+
+    def _compiled_loses(self, batch: Tensor) -> bool:
+        """Whether the traced graph is faster than the compiled model on ``batch``: the best of three
+        passes each, alternated (what else the machine runs hits both alike)."""
+        x = self._model_input(batch)
+        best = {"compiled": math.inf, "traced": math.inf}
+        with torch.inference_mode():
+            for _ in range(3):
+                for name, run in (("compiled", self.compiled), ("traced", self.graph)):
+                    started = time.perf_counter()
+                    run(x)
+                    best[name] = min(best[name], time.perf_counter() - started)
+        return best["traced"] < best["compiled"]
+
     def warmup_sizes(self) -> List[int]:
         """The batch sizes a warm-up runs: the powers of two up to the maximum; on CUDA, every bucket
         (``model.cuda_runner.bucket_sizes``), so that each has its graph before the first request."""
@@ -376,7 +441,8 @@ class Engine:
         pass at each size once it is warm (the first at a size is the slower one: allocations, the
         traced graph's profiling run; on CUDA, Triton's compiles, cuDNN's choice, every runner's
         capture): the batcher's first costs, which its admission of requests and the adaptive policy
-        read."""
+        read. With ``HALO_COMPILE=auto``, each size is first timed compiled and traced: where the
+        traced graph is faster, that size runs traced (``traced_sizes``)."""
         seconds: Dict[int, float] = {}
         for size in self.warmup_sizes():
             batch = torch.zeros(size, *self.cfg.input_size)
@@ -384,6 +450,9 @@ class Engine:
                 runner.prepare(size)
             if self.runners is None:
                 self.forward(batch, [None] * size)
+            if self.compiled is not None and self.graph is not None and self.settings.compile == "auto" \
+                    and self._compiled_loses(batch):
+                self.traced_sizes.append(size)
             started = time.perf_counter()
             self.forward(batch, [None] * size)
             seconds[size] = time.perf_counter() - started

@@ -71,7 +71,10 @@ async def model_info(request: Request) -> ModelInfo:
         trained_on=(engine.cfg.trained_on or None) if weights == "shipped" else None,
         parameters=engine.parameters, backend=settings.backend, attention_backends=engine.attention_backends,
         device=str(engine.device), dtype=settings.dtype, threads=engine.threads, model_workers=engine.workers,
-        graph=engine.execution, halo_layers=list(engine.halo_layers),
+        graph=engine.execution, compile_seconds=engine.compile_seconds,
+        compile_cached=engine.compile_cached if engine.compiled is not None else None,
+        traced_batch_sizes=engine.traced_sizes,
+        halo_layers=list(engine.halo_layers),
         default_heatmap_layer=engine.default_heatmap_layer,
         batch_policy="adaptive" if isinstance(service.batcher.policy, AdaptiveWindow) else "fixed",
         max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)

@@ -108,10 +108,17 @@ class ModelInfo(BaseModel):
     dtype: str
     threads: int = Field(description="torch CPU threads of each model worker")
     model_workers: int = Field(description="model threads, each forming and computing its own batches")
-    graph: str = Field(description="traced (TorchScript graphs), cuda_graphs (on CUDA: a CUDA graph per batch-size "
-                                   "bucket) or eager: what forwards run; traced, a batch with one layer's heatmaps "
-                                   "runs a graph of its own too, one asking for several layers at once runs eagerly; "
-                                   "with cuda_graphs, batches with heatmaps run eagerly")
+    graph: str = Field(description="compiled (on CPU: AOTInductor's program, HALO_COMPILE), traced (TorchScript "
+                                   "graphs), cuda_graphs (on CUDA: a CUDA graph per batch-size bucket) or eager: what "
+                                   "forwards without heatmaps run; a batch with one layer's heatmaps runs that layer's "
+                                   "traced graph where the model traces (compiled or traced), one asking for several "
+                                   "layers at once runs eagerly, and with cuda_graphs batches with heatmaps run eagerly")
+    compile_seconds: Optional[float] = Field(None, description="compiled: the seconds its start spent compiling the "
+                                                               "model, or loading it from HALO_COMPILE_CACHE")
+    compile_cached: Optional[bool] = Field(None, description="compiled: whether it came from HALO_COMPILE_CACHE")
+    traced_batch_sizes: List[int] = Field([], description="compiled with HALO_COMPILE=auto: the batch sizes (powers "
+                                                          "of two, each for the sizes up to the next) where the "
+                                                          "warm-up found the traced graph faster, which run it")
     halo_layers: List[str]
     default_heatmap_layer: Optional[str]
     batch_policy: str = Field(description="adaptive or fixed: what HALO_BATCH_POLICY (auto by default) chose")

@@ -48,8 +48,14 @@ class Service:
             self.pipeline = Pipeline(engine, batcher, self.preprocess_pool, self.settings, self.metrics)
             self.freeze_startup_heap()
             self.ready = True
+            forwards = engine.execution
+            if engine.compiled is not None:
+                forwards += (f" ({'loaded from' if engine.compile_cached else 'compiled into'} HALO_COMPILE_CACHE "
+                             f"in {engine.compile_seconds:.1f} s"
+                             + (f"; traced at batch sizes {engine.traced_sizes}, where it measured faster"
+                                if engine.traced_sizes else "") + ")")
             log.info("model %s (%s) ready on %s, halo attention: %s, forwards: %s", engine.name, engine.version,
-                     engine.device, ", ".join(engine.attention_backends) or "none", engine.execution)
+                     engine.device, ", ".join(engine.attention_backends) or "none", forwards)
             for i, runner in enumerate(engine.runners or []):
                 log.info("model worker %d: CUDA graphs of batch sizes %s", i, runner.captured or "none")
         except Exception as e:  # /readyz says why; the server (app/server.py) then exits with status 1

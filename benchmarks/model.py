@@ -9,11 +9,13 @@ channels_last). The contenders (``--contenders``), timed alternately over severa
 - ``onnxruntime``: timm's model exported as a user would (the dynamo exporter, dynamic batch) and
   run by ONNX Runtime's CPU provider on the same threads, spinning off;
 - ``ours``: eager; ``ours_traced``: the one TorchScript graph the service runs (``HALO_GRAPH``);
-  ``ours_compiled``: under inductor with frozen weights, the ``cpp`` kernel inside the graph.
+  ``ours_compiled``: what ``HALO_COMPILE`` runs (``model.compiled``: AOTInductor's program, frozen
+  weights, the ``cpp`` kernel inside, one compile for every batch size), CPU only.
 
 Each row reports images/s, ours over ONNX Runtime and timm, the compile seconds of what compiles
-(one graph per batch size) and the largest absolute logit difference from timm eager (random
-weights scaled to keep activations of order one).
+(timm_compiled: one graph per batch size; ours_compiled: once per model, into an empty cache,
+then its load from that cache: a service's start, cold and warm) and the largest absolute logit
+difference from timm eager (random weights scaled to keep activations of order one).
 
     python -m benchmarks.model                          # CPU, batch 1 and 8, fp32
     python -m benchmarks.model --device cuda            # GPU, batch 64, fp16 and bf16
@@ -26,13 +28,14 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from benchmarks.timing import add_common_arguments, check_device, geomean, synchronizer, time_alternating
 from model import create_model
+from model.compiled import CompiledModel, load_or_compile
 from model.inference import compile_for_inference, prepare_for_inference, trace_for_inference
 
 TIMM_MODELS = ("halonet_h1", "halonet26t", "sehalonet33ts", "halonet50ts", "eca_halonext26ts")
@@ -100,7 +103,18 @@ def onnxruntime_session(model: nn.Module, example: Tensor, threads: int, directo
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def compiled_once(ours: nn.Module, directory: Path) -> Tuple[CompiledModel, Dict[str, float]]:
+    """``ours`` compiled as ``HALO_COMPILE`` does, into the empty cache ``directory``, then loaded again
+    from it; the seconds of each (a service's start with a cold and with a warm cache)."""
+    size = ours.pretrained_cfg.input_size
+    cold = load_or_compile(ours, size, 1, directory)
+    warm = load_or_compile(ours, size, 1, directory)
+    assert warm.cached, "the second load did not find the first's package"
+    return warm.model, {"ours_compiled": cold.seconds, "ours_compiled_warm": warm.seconds}
+
+
 def contenders_for(which: List[str], theirs: nn.Module, ours: nn.Module, x: Tensor, session,
+                   ours_compiled: Optional[CompiledModel],
                    compile_seconds: Dict[str, float]) -> Dict[str, Callable[[], object]]:
     """The callables to time on ``x``, by contender name; what compiles records its compile time."""
     x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -124,16 +138,16 @@ def contenders_for(which: List[str], theirs: nn.Module, ours: nn.Module, x: Tens
         elif name == "ours_traced":
             graph = trace_for_inference(ours, x_cl)
             fns[name] = lambda: graph(x_cl)
-        elif name == "ours_compiled":
-            fns[name], compile_seconds[name] = compiled(ours, x_cl)
+        elif name == "ours_compiled" and ours_compiled is not None:
+            fns[name] = lambda: ours_compiled(x_cl)
     return fns
 
 
 def run(names: List[str], batches: List[int], device: str, dtypes: List[torch.dtype], rounds: int,
         seconds: float, which: List[str]) -> Dict[str, object]:
     sync = synchronizer(device)
-    if device == "cuda":
-        which = [name for name in which if name != "onnxruntime"]  # its CUDA provider is not installed here
+    if device == "cuda":  # ONNX Runtime's CUDA provider is not installed here; the compiled package is for CPUs
+        which = [name for name in which if name not in ("onnxruntime", "ours_compiled")]
     rows = []
     for name in names:
         for dtype in dtypes:
@@ -142,8 +156,11 @@ def run(names: List[str], batches: List[int], device: str, dtypes: List[torch.dt
             with tempfile.TemporaryDirectory() as directory:
                 session = (onnxruntime_session(theirs, torch.randn(2, *size), torch.get_num_threads(), Path(directory))
                            if "onnxruntime" in which else None)
+                ours_compiled, start_seconds = (compiled_once(ours, Path(directory) / "compiled")
+                                                if "ours_compiled" in which else (None, {}))
                 for batch in batches:
-                    rows.append(_row(name, dtype, batch, theirs, ours, session, which, rounds, seconds, sync, device))
+                    rows.append(_row(name, dtype, batch, theirs, ours, session, ours_compiled, start_seconds, which,
+                                     rounds, seconds, sync, device))
     speedups = [r["speedup"] for r in rows if r["speedup"] is not None]
     if speedups:
         print(f"geometric mean, ours over timm: x{geomean(speedups):.2f}")
@@ -151,13 +168,14 @@ def run(names: List[str], batches: List[int], device: str, dtypes: List[torch.dt
                 threads=torch.get_num_threads(), torch=torch.__version__, rows=rows)
 
 
-def _row(name: str, dtype: torch.dtype, batch: int, theirs: nn.Module, ours: nn.Module, session, which: List[str],
-         rounds: int, seconds: float, sync: Callable[[], None], device: str) -> Dict[str, object]:
+def _row(name: str, dtype: torch.dtype, batch: int, theirs: nn.Module, ours: nn.Module, session,
+         ours_compiled: Optional[CompiledModel], start_seconds: Dict[str, float], which: List[str], rounds: int,
+         seconds: float, sync: Callable[[], None], device: str) -> Dict[str, object]:
     x = torch.randn(batch, *ours.pretrained_cfg.input_size, device=device, dtype=dtype)
-    compile_seconds: Dict[str, float] = {}
+    compile_seconds: Dict[str, float] = dict(start_seconds)
     with torch.inference_mode():
         expected = theirs(x).float()
-    fns = contenders_for(which, theirs, ours, x, session, compile_seconds)
+    fns = contenders_for(which, theirs, ours, x, session, ours_compiled, compile_seconds)
     with torch.inference_mode():
         errors = {contender: (fn().float() - expected).abs().max().item() for contender, fn in fns.items()}
         times = time_alternating(list(fns.values()), rounds, seconds, sync)
@@ -171,7 +189,7 @@ def _row(name: str, dtype: torch.dtype, batch: int, theirs: nn.Module, ours: nn.
                        if {ours_name, other} <= set(images_per_s))
     worst = max(errors.values())
     print(f"{name:<18} {row['dtype']:<8} b{batch:<3} img/s: {figures}  |  {ratios}  |  max logit err {worst:.1e}"
-          + (f"  |  compile s: {', '.join(f'{k} {v:.0f}' for k, v in compile_seconds.items())}"
+          + (f"  |  compile s: {', '.join(f'{k} {v:.1f}' for k, v in compile_seconds.items())}"
              if compile_seconds else ""), flush=True)
     return row
 

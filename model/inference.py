@@ -1,4 +1,5 @@
-"""Turning a trained HaloNet into a fast inference model: BN folding, layout, precision, compile, trace;
+"""Turning a trained HaloNet into a fast inference model: BN folding, layout, precision, trace (compiled
+ahead of time: ``model.compiled``);
 and what a forward gives its halo attention layers (their inputs, seen by hooks)."""
 import threading
 import warnings
@@ -36,12 +37,11 @@ def prepare_for_inference(
         dtype: Optional[torch.dtype] = None,
         channels_last: bool = False,
         fold_bn: bool = True,
-        compile: bool = False,
 ) -> nn.Module:
-    """Eval mode, no gradients, BN folded, on ``device`` in ``dtype`` and layout; optionally compiled.
+    """Eval mode, no gradients, BN folded, on ``device`` in ``dtype`` and layout.
 
     Half precision (fp16/bf16) is refused on CPU: these models are exact in fp32 and the service
-    runs them there. ``compile`` returns ``compile_for_inference`` of the prepared model.
+    runs them there.
     """
     device = torch.device(device)
     if dtype in (torch.float16, torch.bfloat16) and device.type == "cpu":
@@ -52,17 +52,16 @@ def prepare_for_inference(
     model.to(device=device, dtype=dtype)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    return compile_for_inference(model) if compile else model
+    return model
 
 
 def compile_for_inference(model: nn.Module) -> nn.Module:
     """``model`` under ``torch.compile`` (inductor) with its weights frozen into the graph, which lets
-    inductor fold them and prepack the convolutions' weights for oneDNN, for inputs without gradients. One graph
-    per input shape (``dynamic=False``): a dynamic batch dimension with frozen channels_last weights
-    failed inductor's stride checks at run time (torch 2.14), and the first call of each shape compiles
-    (on 2 cores, 10-30 s for halonet26t, then cached on disk by inductor). The ``cpp`` kernel runs
-    inside the graph (tests/unit/test_compile.py). halonet26t at batch 8 on 2 cores: about 1.1x the
-    eager model, level with ONNX Runtime (docs/performance.md)."""
+    inductor fold them and prepack the convolutions' weights for oneDNN, for inputs without gradients:
+    how a user compiles timm's model (``benchmarks/model.py``'s timm_compiled). One graph per input
+    shape (``dynamic=False``): a dynamic batch dimension with frozen channels_last weights failed
+    inductor's stride checks at run time (torch 2.14). The service compiles ahead of time instead
+    (``model.compiled``: one program for every batch size, cached on disk)."""
     return torch.compile(model, dynamic=False, options={"freezing": True})
 
 

@@ -255,6 +255,8 @@ class Stack:
         assert self.dockerd.docker("exec", container, "id", "-u").stdout.strip() == "10001"
         info = httpx.get(f"{API}/v1/model").json()
         assert info["attention_backends"] == ["cpp"], info["attention_backends"]
+        # The image's compiled model (built by `python -m app --prepare`), found by the container's start.
+        assert info["graph"] == "compiled" and info["compile_cached"], info
         assert "halo attention: cpp" in self.dockerd.docker("logs", container).stderr
         self.host_server.wait_ready()
         images = sample_images()
@@ -268,7 +270,8 @@ class Stack:
         assert response.status_code == 200 and abs(sum(map(sum, maps["image_map"])) - 1) < 1e-3, response.text[:500]
         served = read_metric(API, PREDICTED)
         assert served == 3, served
-        return f"healthy in {took:.0f} s (start period {start_period} s), top-5 as on the host for both images"
+        return (f"healthy in {took:.0f} s (start period {start_period} s), the image's compiled model loaded in "
+                f"{info['compile_seconds']:.1f} s, top-5 as on the host for both images")
 
     def loadtest(self) -> str:
         report = self.work / "loadtest-report"

@@ -1,7 +1,8 @@
 """The engine's default parallelism: every usable core but one for one model worker, never fewer
 than one thread; one single-thread worker per core for a model whose forward dominates the request
 path; the settings' choices kept. The traced graphs answer as the eager model does, bit for bit,
-probabilities and heatmaps."""
+probabilities and heatmaps; the compiled model (HALO_COMPILE) as the traced one, within float32's
+reordering, and from the cache on a second start."""
 import os
 import threading
 from typing import List, Optional, Tuple
@@ -9,6 +10,7 @@ from typing import List, Optional, Tuple
 import pytest
 import torch
 
+from app import engine as engine_module
 from app.config import Settings
 from app.engine import Engine, default_parallelism
 from model.attention import BACKENDS
@@ -51,7 +53,8 @@ def traced_and_eager_engines(model: str) -> Tuple[Engine, Engine]:
     for graph in ("auto", "eager"):
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            engines.append(Engine(Settings(model=model, threads=1, model_workers=1, warmup=False, graph=graph)))
+            engines.append(Engine(Settings(model=model, threads=1, model_workers=1, warmup=False, graph=graph,
+                                           compile="off")))
     return engines[0], engines[1]
 
 
@@ -143,3 +146,55 @@ def test_the_warm_up_returns_the_seconds_of_each_batch_size(traced_and_eager) ->
     traced, _ = traced_and_eager
     seconds = traced.warmup()
     assert sorted(seconds) == [1, 2, 4, 8, 16, 32] and all(s > 0 for s in seconds.values())
+
+
+def compact_settings(**changes: object) -> Settings:
+    return Settings(model="halonet_compact", threads=1, model_workers=1, warmup=False, **changes)
+
+
+@pytest.fixture(scope="module")
+def compiled_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    return Engine(compact_settings(compile="on", compile_cache=tmp_path_factory.mktemp("compiled")))
+
+
+def test_compile_on_serves_the_compiled_model_with_the_traced_answers(compiled_engine, traced_and_eager) -> None:
+    traced, _ = traced_and_eager
+    assert compiled_engine.execution == "compiled" and traced.execution == "traced"
+    assert not compiled_engine.compile_cached
+    images = torch.randn(5, *traced.cfg.input_size, generator=torch.Generator().manual_seed(11))
+    layers = [None, traced.default_heatmap_layer, None, None, traced.default_heatmap_layer]
+    for asked in ([None] * 5, layers):  # rows with heatmaps run the traced graph of their layer
+        probs, maps = compiled_engine.forward(images, asked)
+        traced_probs, traced_maps = traced.forward(images, asked)
+        torch.testing.assert_close(probs, traced_probs, rtol=0, atol=1e-6)
+        assert all(m is None if t is None else torch.equal(m, t) for m, t in zip(maps, traced_maps))
+
+
+def test_a_second_start_loads_the_compiled_model_from_the_cache(compiled_engine) -> None:
+    again = Engine(compiled_engine.settings)
+    assert again.execution == "compiled" and again.compile_cached
+    assert again.compiled.path == compiled_engine.compiled.path
+
+
+def test_a_failed_compile_stops_a_start_with_compile_on_and_falls_back_with_auto(monkeypatch, caplog) -> None:
+    def no_compiler(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(engine_module, "load_or_compile", no_compiler)
+    with pytest.raises(ValueError, match="HALO_COMPILE=on: RuntimeError: no C\\+\\+ compiler"):
+        Engine(compact_settings(compile="on"))
+    assert Engine(compact_settings(compile="auto")).execution == "traced"
+    assert "compiling the model failed (RuntimeError: no C++ compiler): forwards run traced" in caplog.text
+
+
+def test_auto_runs_traced_at_the_batch_sizes_where_the_warm_up_found_it_faster(compiled_engine, monkeypatch) -> None:
+    engine = Engine(compiled_engine.settings.model_copy(update=dict(compile="auto", max_batch_size=8)))
+    monkeypatch.setattr(engine, "_compiled_loses", lambda batch: len(batch) in (2, 8))
+    engine.warmup()
+    assert engine.traced_sizes == [2, 8]
+    ran = []
+    monkeypatch.setattr(engine, "graph", lambda x, run=engine.graph: ran.append(("traced", len(x))) or run(x))
+    monkeypatch.setattr(engine, "compiled", lambda x, run=engine.compiled: ran.append(("compiled", len(x))) or run(x))
+    for size in (1, 2, 3, 4, 7, 8):
+        engine.forward(torch.zeros(size, *engine.cfg.input_size), [None] * size)
+    assert ran == [("compiled", 1), ("traced", 2), ("traced", 3), ("compiled", 4), ("compiled", 7), ("traced", 8)]
