@@ -70,6 +70,12 @@ MODEL_BOUND_FORWARD_S = 0.02
 # while one hands out its batch's answers and forms the next batch, the other's batch computes, and
 # each copy to the device overlaps the other worker's compute.
 CUDA_MODEL_WORKERS = 2
+# The warm-up runs a batch size traced where its traced pass took less than this fraction of its compiled
+# pass: one pass each, so a gain under the noise between two passes does not count.
+TRACED_MARGIN = 0.95
+# ... at batch sizes up to this one only: the compiled model's lead grew with the batch wherever measured
+# (docs/performance.md), and timing halonet26t's larger sizes traced too cost 3 s of its start.
+TRACED_CHECK_MAX_BATCH = 8
 # Largest logit difference from the eager model that a compiled model may show at start (float32 sums in
 # another order: 1e-6 seen), as a fraction of the largest logit.
 COMPILED_TOLERANCE = 1e-4
@@ -204,11 +210,13 @@ class Engine:
         """The model compiled ahead of time (``model.compiled``) on the CPU unless ``HALO_COMPILE=off``, when
         its answers are the eager model's within ``COMPILED_TOLERANCE`` on a random batch; else None.
         With ``on``, a compile that fails or differs stops the start; with ``auto``, it is logged and
-        forwards run as without. (``auto`` compiles every model: it was faster than the traced graph for
+        forwards run as without, and a model without weights (random ones) is not compiled. (``auto`` compiles every model: it was faster than the traced graph for
         every model and batch size measured, docs/performance.md; the warm-up checks it per batch size
         on this machine, ``warmup``.)"""
         mode = self.settings.compile
         if mode == "off" or self.device.type != "cpu" or "triton" in self.attention_backends:
+            return None
+        if mode == "auto" and self.version == "untrained":  # random weights, new each start: no cache would hit
             return None
         try:
             result = load_or_compile(self.model, self.cfg.input_size, self.workers, self.settings.compile_cache,
@@ -416,18 +424,13 @@ class Engine:
         faster at the largest power of two not above it."""
         return not self.traced_sizes or 1 << (size.bit_length() - 1) not in self.traced_sizes
 
-    def _compiled_loses(self, batch: Tensor) -> bool:
-        """Whether the traced graph is faster than the compiled model on ``batch``: the best of three
-        passes each, alternated (what else the machine runs hits both alike)."""
+    def _traced_seconds(self, batch: Tensor) -> float:
+        """The seconds of one traced pass on ``batch`` (the warm-up has run the graph at other sizes)."""
         x = self._model_input(batch)
-        best = {"compiled": math.inf, "traced": math.inf}
         with torch.inference_mode():
-            for _ in range(3):
-                for name, run in (("compiled", self.compiled), ("traced", self.graph)):
-                    started = time.perf_counter()
-                    run(x)
-                    best[name] = min(best[name], time.perf_counter() - started)
-        return best["traced"] < best["compiled"]
+            started = time.perf_counter()
+            self.graph(x)
+            return time.perf_counter() - started
 
     def warmup_sizes(self) -> List[int]:
         """The batch sizes a warm-up runs: the powers of two up to the maximum; on CUDA, every bucket
@@ -441,8 +444,9 @@ class Engine:
         pass at each size once it is warm (the first at a size is the slower one: allocations, the
         traced graph's profiling run; on CUDA, Triton's compiles, cuDNN's choice, every runner's
         capture): the batcher's first costs, which its admission of requests and the adaptive policy
-        read. With ``HALO_COMPILE=auto``, each size is first timed compiled and traced: where the
-        traced graph is faster, that size runs traced (``traced_sizes``)."""
+        read. With ``HALO_COMPILE=auto`` each size up to ``TRACED_CHECK_MAX_BATCH`` is timed traced too,
+        once (more passes would lengthen the start): where the traced graph was faster by more than
+        ``TRACED_MARGIN`` allows, that size runs traced (``traced_sizes``)."""
         seconds: Dict[int, float] = {}
         for size in self.warmup_sizes():
             batch = torch.zeros(size, *self.cfg.input_size)
@@ -450,12 +454,15 @@ class Engine:
                 runner.prepare(size)
             if self.runners is None:
                 self.forward(batch, [None] * size)
-            if self.compiled is not None and self.graph is not None and self.settings.compile == "auto" \
-                    and self._compiled_loses(batch):
-                self.traced_sizes.append(size)
             started = time.perf_counter()
             self.forward(batch, [None] * size)
             seconds[size] = time.perf_counter() - started
+            if self.compiled is not None and self.graph is not None and self.settings.compile == "auto" \
+                    and size <= TRACED_CHECK_MAX_BATCH:
+                traced = self._traced_seconds(batch)
+                if traced < TRACED_MARGIN * seconds[size]:
+                    self.traced_sizes.append(size)
+                    seconds[size] = traced
         if self.default_heatmap_layer:
             self.forward(torch.zeros(1, *self.cfg.input_size), [self.default_heatmap_layer])
         return seconds

@@ -13,6 +13,8 @@ import torch
 from app import engine as engine_module
 from app.config import Settings
 from app.engine import Engine, default_parallelism
+from benchmarks.closed_loop import fashion_pngs
+from model import fashion_mnist
 from model.attention import BACKENDS
 from model.inference import seeing_inputs
 
@@ -170,6 +172,19 @@ def test_compile_on_serves_the_compiled_model_with_the_traced_answers(compiled_e
         assert all(m is None if t is None else torch.equal(m, t) for m, t in zip(maps, traced_maps))
 
 
+@pytest.mark.skipif(not fashion_mnist.is_available(), reason="needs Fashion-MNIST (dataset-fashion-mnist)")
+def test_the_compiled_model_gives_the_traced_answers_on_the_test_images(compiled_engine, traced_and_eager) -> None:
+    """The first 64 Fashion-MNIST test images, as PNG files through the service's decoding: same top-5
+    classes and scores within 1e-5 (float32 sums in another order)."""
+    traced, _ = traced_and_eager
+    batch = torch.stack([traced.decode(png) for png in fashion_pngs(64)])
+    probs, traced_probs = compiled_engine.forward(batch, [None] * 64)[0], traced.forward(batch, [None] * 64)[0]
+    for row, traced_row in zip(probs, traced_probs):
+        top, traced_top = compiled_engine.top_k(row, 5), traced.top_k(traced_row, 5)
+        assert [t["label"] for t in top] == [t["label"] for t in traced_top]
+        assert max(abs(a["score"] - b["score"]) for a, b in zip(top, traced_top)) < 1e-5
+
+
 def test_a_second_start_loads_the_compiled_model_from_the_cache(compiled_engine) -> None:
     again = Engine(compiled_engine.settings)
     assert again.execution == "compiled" and again.compile_cached
@@ -188,13 +203,16 @@ def test_a_failed_compile_stops_a_start_with_compile_on_and_falls_back_with_auto
 
 
 def test_auto_runs_traced_at_the_batch_sizes_where_the_warm_up_found_it_faster(compiled_engine, monkeypatch) -> None:
-    engine = Engine(compiled_engine.settings.model_copy(update=dict(compile="auto", max_batch_size=8)))
-    monkeypatch.setattr(engine, "_compiled_loses", lambda batch: len(batch) in (2, 8))
+    engine = Engine(compiled_engine.settings.model_copy(update=dict(compile="auto", max_batch_size=16)))
+    timed = []
+    monkeypatch.setattr(engine, "_traced_seconds",
+                        lambda batch: timed.append(len(batch)) or (0.0 if len(batch) in (2, 8) else 1e9))
     engine.warmup()
-    assert engine.traced_sizes == [2, 8]
+    assert timed == [1, 2, 4, 8] and engine.traced_sizes == [2, 8]  # 16 is past TRACED_CHECK_MAX_BATCH
     ran = []
     monkeypatch.setattr(engine, "graph", lambda x, run=engine.graph: ran.append(("traced", len(x))) or run(x))
     monkeypatch.setattr(engine, "compiled", lambda x, run=engine.compiled: ran.append(("compiled", len(x))) or run(x))
-    for size in (1, 2, 3, 4, 7, 8):
+    for size in (1, 2, 3, 4, 7, 8, 15, 16):
         engine.forward(torch.zeros(size, *engine.cfg.input_size), [None] * size)
-    assert ran == [("compiled", 1), ("traced", 2), ("traced", 3), ("compiled", 4), ("compiled", 7), ("traced", 8)]
+    assert ran == [("compiled", 1), ("traced", 2), ("traced", 3), ("compiled", 4), ("compiled", 7), ("traced", 8),
+                   ("traced", 15), ("compiled", 16)]
