@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="on CPU: on: the model compiled ahead of time by AOTInductor (one program for every batch "
                             "size, weights frozen; checked against the eager model at start), from compile_cache or "
-                            "compiled into it (seconds to minutes, once); auto: on, for models with weights (not random "
+                            "compiled into it (seconds to minutes, once); auto: on for models with weights (not random "
                             "ones), and each batch size where the warm-up found the traced graph faster runs it; the "
                             "ready log and /v1/model report what runs; off: the traced or eager model. Ignored on "
                             "CUDA")

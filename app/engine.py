@@ -210,9 +210,9 @@ class Engine:
         """The model compiled ahead of time (``model.compiled``) on the CPU unless ``HALO_COMPILE=off``, when
         its answers are the eager model's within ``COMPILED_TOLERANCE`` on a random batch; else None.
         With ``on``, a compile that fails or differs stops the start; with ``auto``, it is logged and
-        forwards run as without, and a model without weights (random ones) is not compiled. (``auto`` compiles every model: it was faster than the traced graph for
-        every model and batch size measured, docs/performance.md; the warm-up checks it per batch size
-        on this machine, ``warmup``.)"""
+        forwards run as without, and a model without weights (random ones) is not compiled. (``auto``
+        compiles every other model: it was faster than the traced graph for every model and batch size
+        measured, docs/performance.md; the warm-up checks it per batch size on this machine, ``warmup``.)"""
         mode = self.settings.compile
         if mode == "off" or self.device.type != "cpu" or "triton" in self.attention_backends:
             return None

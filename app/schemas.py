@@ -112,7 +112,7 @@ class ModelInfo(BaseModel):
                                    "graphs), cuda_graphs (on CUDA: a CUDA graph per batch-size bucket) or eager: what "
                                    "forwards without heatmaps run; a batch with one layer's heatmaps runs that layer's "
                                    "traced graph where the model traces (compiled or traced), one asking for several "
-                                   "layers at once runs eagerly, and with cuda_graphs batches with heatmaps run eagerly")
+                                   "layers at once runs eagerly, with cuda_graphs batches with heatmaps run eagerly")
     compile_seconds: Optional[float] = Field(None, description="compiled: the seconds its start spent compiling the "
                                                                "model, or loading it from HALO_COMPILE_CACHE")
     compile_cached: Optional[bool] = Field(None, description="compiled: whether it came from HALO_COMPILE_CACHE")

@@ -1,8 +1,9 @@
 """A prepared HaloNet compiled ahead of time for the CPU (``HALO_COMPILE``), cached on disk.
 
 What: ``torch.export`` of the model with a dynamic batch dimension, compiled by AOTInductor
-with its weights frozen into the program (inductor folds them and prepacks the convolutions'
-weights for oneDNN) into one ``.pt2`` package: a shared library and its weights. One compile
+with its weights frozen into the program (inductor folds them and fuses the element-wise ops;
+the convolutions stay ATen's, without oneDNN weight prepacking, docs/performance.md) into one
+``.pt2`` package: a shared library and its weights. One compile
 serves every batch size the batcher forms; the ``cpp`` attention kernel runs inside it as the
 op it is. A package is loaded in milliseconds, so a start with a warm cache pays nothing.
 

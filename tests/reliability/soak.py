@@ -70,7 +70,7 @@ P99_FLAT_FACTOR = 2.0
 # sums in another order, not another answer.
 SCORE_TOLERANCE = 1e-4
 REQUEST_TIMEOUT_S = 60.0  # bounds each request, hence how long the clients take to stop
-MAX_REQUESTS_PER_SECOND = 2000  # the default bound on the request count, far above what the service answers (282/s seen)
+MAX_REQUESTS_PER_SECOND = 2000  # the default bound on the request count, far above what it answers (282/s seen)
 FAILURE_EXAMPLES = 50
 SIZES = [(28, 28), (64, 64), (96, 128), (224, 224), (320, 240), (512, 384), (512, 512)]
 FORMATS = [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")]
