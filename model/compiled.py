@@ -1,8 +1,8 @@
 """A prepared HaloNet compiled ahead of time for the CPU (``HALO_COMPILE``), cached on disk.
 
 What: ``torch.export`` of the model with a dynamic batch dimension, compiled by AOTInductor
-with its weights frozen into the program (inductor folds them and fuses the element-wise ops;
-the convolutions stay ATen's, without oneDNN weight prepacking, docs/performance.md) into one
+with its weights frozen into the program (inductor folds them, fuses the element-wise ops and runs
+the convolutions and linear layers through oneDNN, with their activations fused) into one
 ``.pt2`` package: a shared library and its weights. One compile
 serves every batch size the batcher forms; the ``cpp`` attention kernel runs inside it as the
 op it is. A package is loaded in milliseconds, so a start with a warm cache pays nothing.
@@ -12,8 +12,8 @@ channels_last weights failed inductor's stride checks, torch 2.14), and every pr
 model again before its cache can answer (4-5 s per batch size for halonet26t, cached).
 
 The cache (``cache_dir``) holds one file per key: the model's code and weights, the input size,
-torch's version and the vector instructions inductor generates code for (a package built for
-AVX-512 must not run where there is none). A package is written under a temporary name and
+torch's version and the CPU features that decide the vector instructions inductor generates code
+for (``cpu_features``: a package built for AVX-512 must not run where there is none). A package is written under a temporary name and
 renamed, so that replicas sharing a cache never read half a file.
 
 Run through ``torch.ops`` (``csrc/compiled_package.cpp``), which releases Python's GIL during
@@ -21,9 +21,11 @@ the forward, as the traced graph's run does; the loader's own binding holds it (
 a compiled halonet26t forward ran at 4-8% of its pace alone through the binding, 50% through the op).
 """
 import atexit
+import copy
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import tempfile
 import threading
@@ -63,18 +65,22 @@ def load_runner() -> None:
                            extra_cflags=["-O2"], verbose=False)
 
 
-def vector_isa() -> str:
-    """The vector instructions inductor compiles for on this machine (e.g. ``avx512``, ``avx2``)."""
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
+def cpu_features() -> str:
+    """What of this CPU decides the vector instructions inductor compiles for (e.g. ``x86_64 AVX512
+    avx2 avx512 avx512_vnni``): the architecture, ATen's capability (``ATEN_CPU_CAPABILITY`` lowers
+    it) and the x86 extensions inductor looks for. Read from the CPU, not from inductor's choice
+    (``pick_vec_isa``), which compiles and loads a test program per extension: 7-8 s on every
+    start where its cache is empty, as in a pod whose /tmp is a fresh volume."""
+    from torch._inductor.cpu_vec_isa import x86_isa_checker
 
-    return str(pick_vec_isa()) or "none"
+    return " ".join([platform.machine(), torch.backends.cpu.get_cpu_capability(), *x86_isa_checker()])
 
 
 def package_key(model: nn.Module, input_shape: Sequence[int], variant: str = "") -> str:
     """What a package depends on, digested: a change to any gives another file. ``variant``: what else
     the traced program depends on (the service passes its attention backends)."""
     digest = hashlib.sha256()
-    digest.update(f"{torch.__version__} {vector_isa()} {tuple(input_shape)} {type(model).__name__} {variant}".encode())
+    digest.update(f"{torch.__version__} {cpu_features()} {tuple(input_shape)} {type(model).__name__} {variant}".encode())
     for source in sorted(MODEL_SOURCES.rglob("*")):
         if source.suffix in (".py", ".cpp"):
             digest.update(source.relative_to(MODEL_SOURCES).as_posix().encode())
@@ -89,6 +95,7 @@ def compile_package(model: nn.Module, input_shape: Sequence[int], path: Path) ->
     """AOTInductor's package of ``model`` (prepared: eval, channels_last, float32 on the CPU) for
     batches of any size of ``input_shape`` images, written to ``path``."""
     example = torch.zeros(2, *input_shape).contiguous(memory_format=torch.channels_last)
+    model = with_two_channel_inputs(model)
     batch = torch.export.Dim("batch", min=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
@@ -99,13 +106,48 @@ def compile_package(model: nn.Module, input_shape: Sequence[int], path: Path) ->
     try:
         # dynamic_threads: the generated loops use the calling thread's torch threads, set at run
         # time (model workers differ in number and threads), not a count fixed at compile time.
-        torch._inductor.aoti_compile_and_package(exported, package_path=partial,
-                                                 inductor_configs={"freezing": True, "cpp.dynamic_threads": True})
+        # no_grad: inductor freezes only without gradients; with them it silently keeps the weights
+        # as inputs and the convolutions as ATen's (halonet26t x1.3 slower, docs/performance.md).
+        with torch.no_grad():
+            torch._inductor.aoti_compile_and_package(
+                exported, package_path=partial, inductor_configs={"freezing": True, "cpp.dynamic_threads": True})
         os.chmod(partial, 0o644)  # mkstemp's 0600 would hide it from another user sharing the cache
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
+
+
+class TwoChannelConv(nn.Module):
+    """A convolution of one input channel as one of two, the second all zeros (the same sums): oneDNN,
+    which the compiled program runs convolutions on, gave wrong answers for a single input channel with
+    a dynamic batch (off by up to 1.9 on unit inputs, torch 2.14), for two the right ones."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = nn.Conv2d(2, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                              bias=conv.bias is not None, padding_mode=conv.padding_mode)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.cat([conv.weight, torch.zeros_like(conv.weight)], dim=1))
+            if conv.bias is not None:
+                self.conv.bias.copy_(conv.bias)
+        self.conv.to(memory_format=torch.channels_last).requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(torch.cat([x, torch.zeros_like(x)], dim=1))
+
+
+def with_two_channel_inputs(model: nn.Module) -> nn.Module:
+    """``model``, or a copy of it whose convolutions of one input channel are ``TwoChannelConv``."""
+    single = [name for name, m in model.named_modules()
+              if isinstance(m, nn.Conv2d) and m.in_channels == 1 and m.groups == 1]
+    if not single:
+        return model
+    model = copy.deepcopy(model)
+    for name in single:
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, TwoChannelConv(model.get_submodule(name)))
+    return model
 
 
 class CompiledModel:
