@@ -76,6 +76,12 @@ TRACED_MARGIN = 0.95
 # ... at batch sizes up to this one only: the compiled model's lead grew with the batch wherever measured
 # (docs/performance.md), and timing halonet26t's larger sizes traced too cost 3 s of its start.
 TRACED_CHECK_MAX_BATCH = 8
+# The warm-up on the CPU stops doubling the batch once a size's pass took longer than this and served under
+# WARMUP_GAIN times the best images/s of the smaller sizes: past the size where images/s stops growing, larger
+# batches only cost start time (halonet26t's passes at 8, 16 and 32 were 7 of its 12 s), and the batcher's
+# costs scale the largest measured size (ForwardCosts). A fast model measures every size.
+WARMUP_SLOW_PASS_S = 0.25
+WARMUP_GAIN = 1.1
 # Largest logit difference from the eager model that a compiled model may show at start (float32 sums in
 # another order: 1e-6 seen), as a fraction of the largest logit.
 COMPILED_TOLERANCE = 1e-4
@@ -446,9 +452,12 @@ class Engine:
         capture): the batcher's first costs, which its admission of requests and the adaptive policy
         read. With ``HALO_COMPILE=auto`` each size up to ``TRACED_CHECK_MAX_BATCH`` is timed traced too,
         once (more passes would lengthen the start): where the traced graph was faster by more than
-        ``TRACED_MARGIN`` allows, that size runs traced (``traced_sizes``)."""
+        ``TRACED_MARGIN`` allows, that size runs traced (``traced_sizes``). On the CPU, sizes past the one
+        where images/s stopped growing are not run when their passes are slow (``WARMUP_SLOW_PASS_S``)."""
         seconds: Dict[int, float] = {}
         for size in self.warmup_sizes():
+            if self.runners is None and seconds and self._warmup_flattened(seconds):
+                break
             batch = torch.zeros(size, *self.cfg.input_size)
             for runner in self.runners or []:
                 runner.prepare(size)
@@ -466,3 +475,13 @@ class Engine:
         if self.default_heatmap_layer:
             self.forward(torch.zeros(1, *self.cfg.input_size), [self.default_heatmap_layer])
         return seconds
+
+    @staticmethod
+    def _warmup_flattened(seconds: Dict[int, float]) -> bool:
+        """The largest size timed so far was slow and served under ``WARMUP_GAIN`` times the images/s of
+        the best smaller size: a larger one would cost more start than it tells."""
+        largest = max(seconds)
+        if seconds[largest] <= WARMUP_SLOW_PASS_S or len(seconds) < 2:
+            return False
+        best_before = max(size / seconds[size] for size in seconds if size < largest)
+        return largest / seconds[largest] < WARMUP_GAIN * best_before
