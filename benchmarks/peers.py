@@ -8,18 +8,22 @@ JSON base64 Fashion-MNIST PNGs, 2 s warm-up, then the measured seconds) drives o
 time, while the others are frozen
 (SIGSTOP: LitServe polls its queues when idle); servers and rounds alternate, so that the
 machine's noise hits all alike. Per server and level: images/s, p50/p95/p99, errors and the
-server's CPU per image (all its processes); then the raw model at batch 1 and at the mean batch
-this service formed.
+server's CPU per image (all its processes); ours over each peer compares the same round
+(``paired_ratio``); then the raw model at batch 1 and at the mean batch this service formed.
+halonet26t, which ships no weights, is served on fixed random ones (``fixed_weights``), compiled as
+a trained model would be.
 
     python -m benchmarks.peers                              # default model at 1/8/32/64 clients, halonet26t at 8/32
     python -m benchmarks.peers --levels 32 --rounds 3 --skip-model-bound --json peers.json
 """
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from statistics import mean
 from typing import Dict, List, Optional
@@ -27,7 +31,7 @@ from typing import Dict, List, Optional
 import torch
 
 from app.config import Settings
-from benchmarks.server import ROOT, ServerProcess
+from benchmarks.server import ROOT, ServerProcess, fixed_weights
 from benchmarks.service import raw_model_throughput
 
 SERVERS = ["halonet-serve", "halonet-serve-adaptive", "litserve", "naive"]  # -adaptive: HALO_BATCH_POLICY=adaptive
@@ -64,8 +68,10 @@ def measure(name: str, server: ServerProcess, clients: int, seconds: float, warm
     return row
 
 
-def run(model: Optional[str], levels: List[int], rounds: int, seconds: float, warmup: float) -> List[Dict]:
-    env = {"HALO_MODEL": model} if model else {}
+def run(model: Optional[str], levels: List[int], rounds: int, seconds: float, warmup: float,
+        env: Optional[Dict[str, str]] = None) -> List[Dict]:
+    """Rows of every server, level and round; ``env``: more HALO_* settings for every server."""
+    env = {**({"HALO_MODEL": model} if model else {}), **(env or {})}
     servers = {name: start_server(name, env) for name in SERVERS}
     rows = []
     try:
@@ -93,8 +99,17 @@ def run(model: Optional[str], levels: List[int], rounds: int, seconds: float, wa
     return rows
 
 
+def paired_ratio(runs: List[Dict], peer_runs: List[Dict], key: str) -> float:
+    """Ours over a peer: the geometric mean of the ratios of the same round. A round runs the servers one
+    after another within a minute, while this machine's pace drifted by up to 40% between rounds (every
+    server slower in the second): a ratio of round means would weigh that drift, a paired one cancels it."""
+    peer_by_round = {r["round"]: r[key] for r in peer_runs}
+    ratios = [r[key] / peer_by_round[r["round"]] for r in runs if r["round"] in peer_by_round]
+    return math.exp(mean(math.log(ratio) for ratio in ratios))
+
+
 def summarize(rows: List[Dict]) -> List[Dict]:
-    """Per model and level: each server's round means, and ours against each peer."""
+    """Per model and level: each server's round means, and ours against each peer (``paired_ratio``)."""
     summary = []
     for model in dict.fromkeys(r["model"] for r in rows):
         for clients in dict.fromkeys(r["concurrency"] for r in rows if r["model"] == model):
@@ -105,9 +120,8 @@ def summarize(rows: List[Dict]) -> List[Dict]:
             ours = means["halonet-serve"]
             entry = dict(model=model, concurrency=clients, means=means, p99_over_p50=ours["p99_ms"] / ours["p50_ms"])
             for peer in ("halonet-serve-adaptive", "litserve", "naive"):
-                entry[f"throughput_over_{peer}"] = ours["images_per_s"] / means[peer]["images_per_s"]
-                entry[f"p50_over_{peer}"] = ours["p50_ms"] / means[peer]["p50_ms"]
-                entry[f"p99_over_{peer}"] = ours["p99_ms"] / means[peer]["p99_ms"]
+                for key, name in (("images_per_s", "throughput"), ("p50_ms", "p50"), ("p99_ms", "p99")):
+                    entry[f"{name}_over_{peer}"] = paired_ratio(level["halonet-serve"], level[peer], key)
             summary.append(entry)
             print(f"{model:<16} clients {clients:>3}: images/s x{entry['throughput_over_litserve']:.2f} LitServe, "
                   f"x{entry['throughput_over_naive']:.2f} naive; p50 x{entry['p50_over_litserve']:.2f} LitServe; "
@@ -131,14 +145,18 @@ def main() -> None:
     args = parser.parse_args()
     print(f"peer benchmark on {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{Settings().threads or 'default'} model threads (HALO_THREADS)", flush=True)
+    weights = tempfile.TemporaryDirectory()
     rows = run(None, args.levels, args.rounds, args.seconds, args.warmup)
+    # halonet26t ships no weights: fixed random ones, so that it is served (and compiled) as a trained one.
+    model_bound_env = fixed_weights("halonet26t", weights.name)
     if not args.skip_model_bound:
-        rows += run("halonet26t", args.model_bound_levels, args.rounds, args.seconds, args.warmup)
+        rows += run("halonet26t", args.model_bound_levels, args.rounds, args.seconds, args.warmup, model_bound_env)
     summary = summarize(rows)
     ours = {(r["model"], r["concurrency"]): r["mean_batch"] for r in rows if r["server"] == "halonet-serve"}
     raw = {}
     for (model, clients), batch in ours.items():
-        settings = Settings(model=model)
+        checkpoint = model_bound_env.get("HALO_CHECKPOINT") if model == "halonet26t" else None
+        settings = Settings(model=model, checkpoint=checkpoint)
         for size in sorted({1, max(1, round(batch))}):
             if (model, size) not in raw:
                 raw[(model, size)] = raw_model_throughput(settings, size)

@@ -33,6 +33,22 @@ def read_metric(url: str, name: str) -> float:
     return metric_value(httpx.get(f"{url}/metrics").text, name)
 
 
+def fixed_weights(model: str, directory: str) -> Dict[str, str]:
+    """``HALO_CHECKPOINT`` for a model without shipped weights: random ones written to ``directory``, the
+    same for every start and server (each start would otherwise draw its own: no compile cache could hit,
+    and ``HALO_COMPILE=auto`` leaves a model without weights uncompiled, as a trained one would not be)."""
+    from safetensors.torch import save_file
+
+    from model import create_model
+    from model.halonet import shipped_weights
+
+    if shipped_weights(model) is not None:
+        return {}
+    path = Path(directory) / f"{model}.safetensors"
+    save_file(create_model(model).state_dict(), path)
+    return {"HALO_CHECKPOINT": str(path)}
+
+
 class ServerProcess:
     """A server on a free loopback port, in a session of its own, so that every process it starts
     (LitServe's workers) is signalled, measured and stopped with it. By default the service with the

@@ -19,7 +19,7 @@ from typing import Dict, List
 import httpx
 
 from benchmarks.closed_loop import fashion_pngs
-from benchmarks.server import ServerProcess
+from benchmarks.server import ServerProcess, fixed_weights
 
 MODELS = ("halonet_compact", "halonet26t")
 
@@ -40,27 +40,12 @@ def one_start(model: str, env: Dict[str, str], image: bytes) -> Dict[str, float]
     return dict(ready_s=ready, first_answer_s=answered, graph=graph)
 
 
-def weights_of(model: str, directory: str) -> Dict[str, str]:
-    """``HALO_CHECKPOINT`` for a model without shipped weights: random ones, the same for every start
-    (each start would otherwise draw its own, and no cache could hit)."""
-    from safetensors.torch import save_file
-
-    from model import create_model
-    from model.halonet import shipped_weights
-
-    if shipped_weights(model) is not None:
-        return {}
-    path = Path(directory) / f"{model}.safetensors"
-    save_file(create_model(model).state_dict(), path)
-    return {"HALO_CHECKPOINT": str(path)}
-
-
 def run(models: List[str]) -> List[Dict[str, object]]:
     image = fashion_pngs(1)[0]
     rows = []
     for model in models:
         with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as inductor:
-            weights = weights_of(model, inductor)
+            weights = fixed_weights(model, inductor)
             # An empty inductor cache too: with its own left from an earlier compile, a "cold" start is not.
             cold_env = {"HALO_COMPILE": "on", "HALO_COMPILE_CACHE": cache, "TORCHINDUCTOR_CACHE_DIR": inductor,
                         **weights}
