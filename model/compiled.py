@@ -13,8 +13,8 @@ model again before its cache can answer (4-5 s per batch size for halonet26t, ca
 
 The cache (``cache_dir``) holds one file per key: the model's code and weights, the input size,
 torch's version and the CPU features that decide the vector instructions inductor generates code
-for (``cpu_features``: a package built for AVX-512 must not run where there is none). A package is written under a temporary name and
-renamed, so that replicas sharing a cache never read half a file.
+for (``cpu_features``: a package built for AVX-512 must not run where there is none). A package is
+written under a temporary name and renamed, so that replicas sharing a cache never read half a file.
 
 Run through ``torch.ops`` (``csrc/compiled_package.cpp``), which releases Python's GIL during
 the forward, as the traced graph's run does; the loader's own binding holds it (a Python loop beside
@@ -80,7 +80,8 @@ def package_key(model: nn.Module, input_shape: Sequence[int], variant: str = "")
     """What a package depends on, digested: a change to any gives another file. ``variant``: what else
     the traced program depends on (the service passes its attention backends)."""
     digest = hashlib.sha256()
-    digest.update(f"{torch.__version__} {cpu_features()} {tuple(input_shape)} {type(model).__name__} {variant}".encode())
+    described = f"{torch.__version__} {cpu_features()} {tuple(input_shape)} {type(model).__name__} {variant}"
+    digest.update(described.encode())
     for source in sorted(MODEL_SOURCES.rglob("*")):
         if source.suffix in (".py", ".cpp"):
             digest.update(source.relative_to(MODEL_SOURCES).as_posix().encode())
@@ -140,7 +141,7 @@ class TwoChannelConv(nn.Module):
 def with_two_channel_inputs(model: nn.Module) -> nn.Module:
     """``model``, or a copy of it whose convolutions of one input channel are ``TwoChannelConv``."""
     single = [name for name, m in model.named_modules()
-              if isinstance(m, nn.Conv2d) and m.in_channels == 1 and m.groups == 1]
+              if type(m) is nn.Conv2d and m.in_channels == 1]  # a subclass may convolve otherwise
     if not single:
         return model
     model = copy.deepcopy(model)
