@@ -145,22 +145,23 @@ def main() -> None:
     args = parser.parse_args()
     print(f"peer benchmark on {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{Settings().threads or 'default'} model threads (HALO_THREADS)", flush=True)
-    weights = tempfile.TemporaryDirectory()
-    rows = run(None, args.levels, args.rounds, args.seconds, args.warmup)
-    # halonet26t ships no weights: fixed random ones, so that it is served (and compiled) as a trained one.
-    model_bound_env = fixed_weights("halonet26t", weights.name)
-    if not args.skip_model_bound:
-        rows += run("halonet26t", args.model_bound_levels, args.rounds, args.seconds, args.warmup, model_bound_env)
-    summary = summarize(rows)
-    ours = {(r["model"], r["concurrency"]): r["mean_batch"] for r in rows if r["server"] == "halonet-serve"}
-    raw = {}
-    for (model, clients), batch in ours.items():
-        checkpoint = model_bound_env.get("HALO_CHECKPOINT") if model == "halonet26t" else None
-        settings = Settings(model=model, checkpoint=checkpoint)
-        for size in sorted({1, max(1, round(batch))}):
-            if (model, size) not in raw:
-                raw[(model, size)] = raw_model_throughput(settings, size)
-                print(f"raw model {model} at batch {size:>3}: {raw[(model, size)]:8.1f} images/s", flush=True)
+    with tempfile.TemporaryDirectory() as weights:
+        rows = run(None, args.levels, args.rounds, args.seconds, args.warmup)
+        checkpoints: Dict[str, str] = {}
+        if not args.skip_model_bound:
+            # halonet26t ships no weights: fixed random ones, so that it is served (and compiled) as a trained one.
+            model_bound_env = fixed_weights("halonet26t", weights)
+            checkpoints["halonet26t"] = model_bound_env["HALO_CHECKPOINT"]
+            rows += run("halonet26t", args.model_bound_levels, args.rounds, args.seconds, args.warmup, model_bound_env)
+        summary = summarize(rows)
+        ours = {(r["model"], r["concurrency"]): r["mean_batch"] for r in rows if r["server"] == "halonet-serve"}
+        raw = {}
+        for (model, clients), batch in ours.items():
+            settings = Settings(model=model, checkpoint=checkpoints.get(model))
+            for size in sorted({1, max(1, round(batch))}):
+                if (model, size) not in raw:
+                    raw[(model, size)] = raw_model_throughput(settings, size)
+                    print(f"raw model {model} at batch {size:>3}: {raw[(model, size)]:8.1f} images/s", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(rows=rows, summary=summary,
