@@ -53,12 +53,12 @@ class Settings(BaseSettings):
                           "max_batch_size, batches padded up to the next) as a CUDA graph after its first pass, "
                           "and replay it: one launch instead of hundreds; a size whose capture fails runs eagerly. "
                           "Ignored on CPU")
-    batch_policy: Literal["auto", "fixed", "adaptive"] = Field(
-        "auto", description="fixed: wait up to max_wait_ms for images on their way, up to max_batch_size; adaptive: "
-                            "wait for more images only while that lowers their expected latency (from the measured "
-                            "forward time per batch size and arrival gap), batches no larger than where images/s "
-                            "stops growing; auto: adaptive with several model workers, fixed with one (what served "
-                            "more images/s, docs/performance.md)")
+    batch_policy: Literal["fixed", "adaptive"] = Field(
+        "adaptive", description="adaptive: wait for images on their way only while that lowers their expected "
+                                "latency (from the measured forward time per batch size, the gap between arriving "
+                                "images and how late a waiting model thread wakes), never past max_wait_ms, batches "
+                                "no larger than where images/s stops growing; fixed: wait up to max_wait_ms for "
+                                "images on their way, batches up to max_batch_size")
     max_batch_size: int = Field(32, ge=1, description="most images in one forward pass")
     max_wait_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill once it has one image")
     max_queue: int = Field(512, ge=1, description="images waiting at most; beyond it requests get 503")

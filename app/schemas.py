@@ -121,7 +121,7 @@ class ModelInfo(BaseModel):
                                                           "warm-up found the traced graph faster, which run it")
     halo_layers: List[str]
     default_heatmap_layer: Optional[str]
-    batch_policy: str = Field(description="adaptive or fixed: what HALO_BATCH_POLICY (auto by default) chose")
+    batch_policy: str = Field(description="adaptive or fixed: HALO_BATCH_POLICY")
     max_batch_size: int = Field(description="the configured largest batch; the adaptive policy may form smaller ones")
     max_wait_ms: float
     max_queue: int

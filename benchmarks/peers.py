@@ -2,7 +2,7 @@
 
 All serve the same model with the same torch threads (HALO_* variables apply to all) and the
 same maximum batch and window where they batch; this service runs twice, with its default batch
-policy (auto: the fixed window with one model worker) and with HALO_BATCH_POLICY=adaptive. One closed-loop
+policy (adaptive) and with HALO_BATCH_POLICY=fixed. One closed-loop
 client in a process of its own (benchmarks/closed_loop.py: one connection per simulated client,
 JSON base64 Fashion-MNIST PNGs, 2 s warm-up, then the measured seconds) drives one server at a
 time, while the others are frozen
@@ -34,14 +34,14 @@ from app.config import Settings
 from benchmarks.server import ROOT, ServerProcess, fixed_weights
 from benchmarks.service import raw_model_throughput
 
-SERVERS = ["halonet-serve", "halonet-serve-adaptive", "litserve", "naive"]  # -adaptive: HALO_BATCH_POLICY=adaptive
+SERVERS = ["halonet-serve", "halonet-serve-fixed", "litserve", "naive"]  # -fixed: HALO_BATCH_POLICY=fixed
 
 
 def start_server(name: str, env: Dict[str, str]) -> ServerProcess:
     if name == "halonet-serve":
         return ServerProcess(env)
-    if name == "halonet-serve-adaptive":
-        return ServerProcess({**env, "HALO_BATCH_POLICY": "adaptive"})
+    if name == "halonet-serve-fixed":
+        return ServerProcess({**env, "HALO_BATCH_POLICY": "fixed"})
     if name == "litserve":
         # LitServe runs one forward at a time (one worker process): its Engine gets one model
         # worker's threads, every core for a model-bound model, as our service would with one.
@@ -119,17 +119,18 @@ def summarize(rows: List[Dict]) -> List[Dict]:
                      for name, runs in level.items()}
             ours = means["halonet-serve"]
             entry = dict(model=model, concurrency=clients, means=means, p99_over_p50=ours["p99_ms"] / ours["p50_ms"])
-            for peer in ("halonet-serve-adaptive", "litserve", "naive"):
+            for peer in ("halonet-serve-fixed", "litserve", "naive"):
                 for key, name in (("images_per_s", "throughput"), ("p50_ms", "p50"), ("p99_ms", "p99")):
                     entry[f"{name}_over_{peer}"] = paired_ratio(level["halonet-serve"], level[peer], key)
             summary.append(entry)
             print(f"{model:<16} clients {clients:>3}: images/s x{entry['throughput_over_litserve']:.2f} LitServe, "
                   f"x{entry['throughput_over_naive']:.2f} naive; p50 x{entry['p50_over_litserve']:.2f} LitServe; "
                   f"p99 x{entry['p99_over_litserve']:.2f} LitServe, x{entry['p99_over_naive']:.2f} naive; "
-                  f"our p99/p50 {entry['p99_over_p50']:.2f}; the default batch policy over the adaptive one: images/s "
-                  f"x{entry['throughput_over_halonet-serve-adaptive']:.2f}, "
-                  f"p50 x{entry['p50_over_halonet-serve-adaptive']:.2f}, "
-                  f"p99 x{entry['p99_over_halonet-serve-adaptive']:.2f}")
+                  f"our p99/p50 {entry['p99_over_p50']:.2f}; the default (adaptive) batch policy over the fixed "
+                  f"window: images/s "
+                  f"x{entry['throughput_over_halonet-serve-fixed']:.2f}, "
+                  f"p50 x{entry['p50_over_halonet-serve-fixed']:.2f}, "
+                  f"p99 x{entry['p99_over_halonet-serve-fixed']:.2f}")
     return summary
 
 

@@ -18,7 +18,8 @@ def linear_cost(fixed_s: float, per_image_s: float) -> Cost:
     return lambda n: fixed_s + per_image_s * n
 
 
-CPU_LIKE = linear_cost(0.0015, 0.0022)  # the shipped model on 2 cores: little to gain per batch
+CPU_LIKE = linear_cost(0.0015, 0.0022)  # the shipped model on 2 AVX2 cores: little to gain per batch
+SHIPPED_LIKE = linear_cost(0.0008, 0.0003)  # the shipped model on an AVX-512 core: 1 ms at batch 1, 3 ms at 8
 GPU_LIKE = linear_cost(0.008, 0.0002)  # a forward costs about the same for 1 or 32 images
 WARMUP_SIZES = (1, 2, 4, 8, 16, 32)
 
@@ -45,6 +46,7 @@ class Simulation:
     cost: Cost
     decode_s: float = 0.001
     think_s: float = 0.0005
+    wake_s: float = 0.0  # how late a worker resumes after a wait (in the service: it takes the GIL back)
     answered: List[Request] = field(default_factory=list)
     batches: List[int] = field(default_factory=list)
 
@@ -81,6 +83,9 @@ class Simulation:
                 if wait <= 0:
                     break
                 advance(min(now + wait, times[head] if head < len(times) else float("inf")))
+                if self.wake_s:
+                    advance(now + self.wake_s)
+                    self.policy.woke(self.wake_s)
             seconds = self.cost(len(batch))
             for r in batch:
                 r.started, r.answered = now, now + seconds
@@ -137,7 +142,8 @@ def test_poisson_arrivals_wait_no_longer_than_pays(cost: Cost, load: float) -> N
 
 
 def test_a_model_that_batches_cheaply_waits_for_a_burst_on_its_way() -> None:
-    sim = Simulation(adaptive(GPU_LIKE), GPU_LIKE, decode_s=0.002).run_open(
+    """Also when each wait's wake-up is late, as in the service (0.3 ms median measured on 2 cores)."""
+    sim = Simulation(adaptive(GPU_LIKE), GPU_LIKE, decode_s=0.002, wake_s=0.0005).run_open(
         bursts(count=20, size=16, every_s=0.05, spread_s=0.001))
     assert mean(sim.batches) >= 12
     assert max(sim.queue_waits) <= 0.005 + 1e-9  # never past the window
@@ -190,14 +196,27 @@ def test_without_measured_costs_the_adaptive_window_is_the_fixed_one() -> None:
     assert policy.wait_s(1, arriving=0, waited_s=0.0) == 0
 
 
-@pytest.mark.parametrize("setting, workers, expected", [
-    ("auto", 1, FixedWindow), ("auto", 2, AdaptiveWindow), ("fixed", 2, FixedWindow), ("adaptive", 1, AdaptiveWindow)])
-def test_the_service_takes_the_adaptive_window_by_default_only_for_several_workers(setting, workers, expected) -> None:
+@pytest.mark.parametrize("setting, expected",
+                         [(None, AdaptiveWindow), ("fixed", FixedWindow), ("adaptive", AdaptiveWindow)])
+def test_the_service_takes_the_adaptive_window_unless_told_fixed(setting, expected) -> None:
     from app.config import Settings
     from app.service import Service
 
-    service = Service(Settings(batch_policy=setting))
+    service = Service(Settings(**({"batch_policy": setting} if setting else {})))
     try:
-        assert type(service._policy(ForwardCosts({1: 0.01}), workers)) is expected
+        assert type(service._policy(ForwardCosts({1: 0.01}))) is expected
     finally:
         service.preprocess_pool.shutdown()
+
+
+@pytest.mark.parametrize("load, wake_s", [(0.3, 0.001), (0.6, 0.002)])
+def test_a_wait_prices_the_late_wake_up_it_measured(load: float, wake_s: float) -> None:
+    """Waiting workers resume late (in the service: they take the GIL back from a busy event loop),
+    and images are announced shortly before they are queued. Unpriced, a wake-up of 1-2 ms made the
+    adaptive window 13% and 10% slower than no window here; priced, it is within 5% of the better
+    of no window and the fixed 5 ms window."""
+    arrivals = poisson(load * 32 / SHIPPED_LIKE(32), seconds=3.0, seed=6)
+    latency = {name: Simulation(policy, SHIPPED_LIKE, decode_s=0.0003, wake_s=wake_s).run_open(arrivals).mean_latency
+               for name, policy in {"adaptive": adaptive(SHIPPED_LIKE), "no window": FixedWindow(32, 0.0),
+                                    "5 ms": FixedWindow(32, 0.005)}.items()}
+    assert latency["adaptive"] <= 1.05 * min(latency["no window"], latency["5 ms"]), latency

@@ -199,3 +199,37 @@ def test_a_lone_request_is_not_held_for_company() -> None:
         return await lone[0].future
 
     assert asyncio.run(main()).queue_s < 0.05  # taken at once, not after the 5 s window
+
+
+class WakeRecordingWindow(FixedWindow):
+    def __init__(self, max_batch_size: int, max_wait_s: float) -> None:
+        super().__init__(max_batch_size, max_wait_s)
+        self.wakes: List[float] = []
+
+    def woke(self, late_s: float) -> None:
+        self.wakes.append(late_s)
+
+
+@pytest.mark.parametrize("window_s, second_after_s", [(5.0, 0.2), (0.1, None)], ids=["woken", "timed-out"])
+def test_a_waiting_worker_reports_how_late_it_resumed(window_s: float, second_after_s: Optional[float]) -> None:
+    """Lateness counts from the submit that woke the worker, or from the end of its wait: not from
+    when it began waiting (0.2 s before that submit here)."""
+    policy = WakeRecordingWindow(8, window_s)
+    batcher = Batcher(FakeModel(), policy, 100, Metrics())
+    batcher.start()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        batcher.expect(2)
+        first = jobs(loop, [0])
+        batcher.submit(first)
+        if second_after_s is not None:
+            await asyncio.sleep(second_after_s)
+            batcher.submit(jobs(loop, [1]), announced=True)
+        else:
+            await first[0].future  # the window ran out with one image still announced
+            batcher.withdraw(1)
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert policy.wakes and all(0 <= late < 0.1 for late in policy.wakes), policy.wakes

@@ -7,7 +7,7 @@ from benchmarks.peers import SERVERS, summarize
 def test_summary_compares_the_same_round_of_the_same_model_and_level() -> None:
     rows = []
     for server, images_per_s, p50, p99 in (("halonet-serve", (300, 340), 10, (15, 25)),
-                                           ("halonet-serve-adaptive", (320, 320), 10, (20, 20)),
+                                           ("halonet-serve-fixed", (320, 320), 10, (20, 20)),
                                            ("litserve", (200, 200), 20, (40, 40)),
                                            ("naive", (100, 150), 40, (80, 120))):
         for round_ in (0, 1):
@@ -23,4 +23,4 @@ def test_summary_compares_the_same_round_of_the_same_model_and_level() -> None:
     assert level32["p50_over_litserve"] == pytest.approx(0.5)
     assert level32["p99_over_naive"] == pytest.approx((15 / 80 * 25 / 120) ** 0.5)
     assert level32["p99_over_p50"] == pytest.approx(2.0)  # of our round means
-    assert level32["throughput_over_halonet-serve-adaptive"] == pytest.approx((300 / 320 * 340 / 320) ** 0.5)
+    assert level32["throughput_over_halonet-serve-fixed"] == pytest.approx((300 / 320 * 340 / 320) ** 0.5)
