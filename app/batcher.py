@@ -14,11 +14,12 @@ The policy, all of it here:
   them or ``withdraw`` gives them up, either of which wakes it), so a lone request never waits for
   company that is not coming; how long it waits is the policy's:
   - ``FixedWindow``: up to ``max_wait_s`` after the first image, batches up to ``max_batch_size``.
-  - ``AdaptiveWindow``: from ``ForwardCosts`` (seconds per forward by batch size, seeded by the
-    warm-up, learned as it serves) and the measured gap between arriving images, it waits for the
-    next image only while that lowers the expected latency of the images queued and the one
-    coming (never past ``max_wait_s``), and forms no batch larger than the size where images/s
-    stops growing.
+  - ``AdaptiveWindow`` (the default): from ``ForwardCosts`` (seconds per forward by batch size,
+    seeded by the warm-up, learned as it serves), the measured gap between arriving images and how
+    late a waiting worker resumes (each wait's lateness, which the worker reports), it waits for
+    the images on their way only while that lowers the expected latency of those in hand and
+    those coming (never past ``max_wait_s``), and forms no batch larger than the size where
+    images/s stops growing.
 - Before compute, images whose request deadline has passed are answered with
   ``DeadlineExceededError`` (-> 504) and images whose client has gone are dropped.
 - While a worker computes, the event loop keeps accepting requests and the queue fills with the
