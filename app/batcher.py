@@ -196,11 +196,15 @@ class AdaptiveWindow(FixedWindow):
 
     Waiting pays where the images coming add less to a forward than a forward of their own costs,
     and arrive soon. Never past ``max_wait_s``, and batches stop at the size where images/s stops
-    growing (``ForwardCosts.efficient_size``), at most ``max_batch_size``. Until costs are known
-    it behaves as the fixed window."""
+    growing (``ForwardCosts.efficient_size``), at most ``max_batch_size``, except one batch in
+    ``EXPLORE_EVERY`` of those that reached that size, which may grow to twice it: the costs of
+    sizes above it are otherwise never measured again, and a warm-up that timed them slow (beside
+    another replica's warm-up on the same cores: batches capped at 4 where 12-18 served more) would
+    hold the batches small for good. Until costs are known it behaves as the fixed window."""
 
     GAP_SMOOTHING = 0.1  # gaps between requests vary a lot: average over a few dozen
     WAKE_SMOOTHING = 0.1  # so do wake-ups
+    EXPLORE_EVERY = 20  # batches at the size limit before one may be twice as large
 
     def __init__(self, max_batch_size: int, max_wait_s: float, costs: ForwardCosts):
         super().__init__(max_batch_size, max_wait_s, costs)
@@ -208,8 +212,11 @@ class AdaptiveWindow(FixedWindow):
         self._gap: Optional[float] = None  # seconds between images, moving average
         self._last_arrival: Optional[float] = None
         self._wake = 0.0  # seconds a waiting worker resumes late, moving average
+        self._at_limit = 0  # batches that reached self._size since the last larger one
 
     def batch_size(self) -> int:
+        if self._at_limit >= self.EXPLORE_EVERY:
+            return min(2 * self._size, self.max_batch_size)
         return self._size
 
     def wait_s(self, batch: int, arriving: int, waited_s: float) -> float:
@@ -217,7 +224,7 @@ class AdaptiveWindow(FixedWindow):
             return super().wait_s(batch, arriving, waited_s)
         remaining = self.max_wait_s - waited_s
         c, g, n = self.costs.seconds, self._gap, batch
-        m = min(arriving, self._size - n, int(remaining / g) if g > 0 else arriving)  # what can still join
+        m = min(arriving, self.batch_size() - n, int(remaining / g) if g > 0 else arriving)  # what can still join
         if m <= 0 or remaining < MIN_WAIT_S:
             return 0.0
         compute_now = n * c(n) + m * (max(c(n), m * g) + c(m))
@@ -234,6 +241,7 @@ class AdaptiveWindow(FixedWindow):
 
     def computed(self, batch: int, seconds: float) -> None:
         super().computed(batch, seconds)
+        self._at_limit = 0 if batch > self._size else self._at_limit + (batch == self._size)
         self._size = self.costs.efficient_size(self.max_batch_size)
 
     def woke(self, late_s: float) -> None:
@@ -263,7 +271,7 @@ class Batcher:
         self._closed = False
         self._stopping = False
         self._arriving = 0  # images announced by requests still decoding them
-        self._last_queued = 0.0  # time.monotonic() of the last submit: what a waiting worker wakes for
+        self._first_queued: Optional[float] = None  # the first submit since a worker began waiting: what wakes it
         self._threads = [threading.Thread(target=self._run, name=f"halo-model-{i}", daemon=True)
                          for i in range(workers)]
 
@@ -310,8 +318,9 @@ class Batcher:
                 raise QueueFullError(f"the queue holds {len(self._queue)} images (limit {self.max_queue})")
             self._pending += len(jobs)
             self._queue.extend(jobs)
-            self._last_queued = time.monotonic()
-            self.policy.arrived(len(jobs), self._last_queued, self._arriving)
+            now = time.monotonic()
+            self._first_queued = self._first_queued or now
+            self.policy.arrived(len(jobs), now, self._arriving)
         self._metrics.queue_depth.set(len(self._queue))
 
     def close(self) -> None:
@@ -343,11 +352,10 @@ class Batcher:
                                                                      time.monotonic() - started)
                 if wait <= 0:
                     break  # nothing on its way, or not worth waiting for
-                waiting_since = time.monotonic()
+                waiting_since, self._first_queued = time.monotonic(), None
                 self._changed.wait(wait)
-                woke = time.monotonic()
-                due = self._last_queued if self._last_queued > waiting_since else waiting_since + wait
-                self.policy.woke(max(0.0, woke - min(due, waiting_since + wait)))
+                due = min(self._first_queued or math.inf, waiting_since + wait)  # notified, or the wait ran out
+                self.policy.woke(max(0.0, time.monotonic() - due))
             return batch
 
     def _answer(self, job: Job, result: object) -> None:

@@ -166,7 +166,9 @@ def test_batches_stop_at_the_size_where_images_per_second_stops_growing() -> Non
     policy = adaptive(plateau_after_8)
     assert policy.batch_size() == 8
     sim = Simulation(policy, plateau_after_8).run_closed(clients=64, seconds=1.0)
-    assert max(sim.batches) == 8
+    # and one in EXPLORE_EVERY + 1 of twice that size, which measures the larger size again
+    assert sim.batches.count(8) >= AdaptiveWindow.EXPLORE_EVERY * sim.batches.count(16) > 0
+    assert set(sim.batches) == {4, 8, 16} and sim.batches.count(4) == 1  # the first, before the rest arrived
 
 
 def test_the_batch_size_follows_the_costs_it_measures_while_serving() -> None:
@@ -178,6 +180,16 @@ def test_the_batch_size_follows_the_costs_it_measures_while_serving() -> None:
         for n in WARMUP_SIZES:
             policy.computed(n, GPU_LIKE(n))
     assert policy.batch_size() == 32
+
+
+def test_batches_grow_past_a_limit_that_a_slow_warm_up_set() -> None:
+    """The warm-up timed every size above 4 twice as slow as it is (another replica warming up on
+    the same cores): served, the larger sizes are measured again now and then and the limit grows."""
+    seed = {n: SHIPPED_LIKE(n) * (2 if n > 4 else 1) for n in WARMUP_SIZES}
+    policy = AdaptiveWindow(32, 0.005, ForwardCosts(seed))
+    assert policy.batch_size() == 4
+    sim = Simulation(policy, SHIPPED_LIKE).run_closed(clients=64, seconds=2.0)
+    assert policy.batch_size() >= 16 and mean(sim.batches[-100:]) > 12
 
 
 def test_forward_costs_interpolate_between_and_scale_beyond_what_was_measured() -> None:
