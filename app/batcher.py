@@ -223,9 +223,11 @@ class AdaptiveWindow(FixedWindow):
         if not self.costs.known or self._gap is None:
             return super().wait_s(batch, arriving, waited_s)
         remaining = self.max_wait_s - waited_s
+        if remaining < MIN_WAIT_S:
+            return 0.0
         c, g, n = self.costs.seconds, self._gap, batch
         m = min(arriving, self.batch_size() - n, int(remaining / g) if g > 0 else arriving)  # what can still join
-        if m <= 0 or remaining < MIN_WAIT_S:
+        if m <= 0:
             return 0.0
         compute_now = n * c(n) + m * (max(c(n), m * g) + c(m))
         wait = (n + m) * (m * g + self._wake + c(n + m))  # both less the arrivals' own g m (m + 1) / 2

@@ -66,8 +66,8 @@ class Service:
                 log.exception("loading the model failed")
 
     def _policy(self, costs: ForwardCosts) -> BatchPolicy:
-        """HALO_BATCH_POLICY: adaptive by default, which served at least as many images/s as the fixed
-        window at every level measured (docs/performance.md)."""
+        """HALO_BATCH_POLICY: adaptive by default, which served more images/s than the fixed window or as
+        many at every level where the two act differently (docs/performance.md)."""
         s = self.settings
         if s.batch_policy == "adaptive":
             return AdaptiveWindow(s.max_batch_size, s.max_wait_ms / 1000, costs)

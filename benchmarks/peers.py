@@ -130,8 +130,7 @@ def summarize(rows: List[Dict]) -> List[Dict]:
                   f"x{entry['throughput_over_naive']:.2f} naive; p50 x{entry['p50_over_litserve']:.2f} LitServe; "
                   f"p99 x{entry['p99_over_litserve']:.2f} LitServe, x{entry['p99_over_naive']:.2f} naive; "
                   f"our p99/p50 {entry['p99_over_p50']:.2f}; the default (adaptive) batch policy over the fixed "
-                  f"window: images/s "
-                  f"x{entry['throughput_over_halonet-serve-fixed']:.2f}, "
+                  f"window: images/s x{entry['throughput_over_halonet-serve-fixed']:.2f}, "
                   f"p50 x{entry['p50_over_halonet-serve-fixed']:.2f}, "
                   f"p99 x{entry['p99_over_halonet-serve-fixed']:.2f}")
     return summary
