@@ -90,7 +90,12 @@ class Settings(BaseSettings):
                                        "would go over it is refused with 503 and Retry-After, so that a few huge "
                                        "images cannot hold the decoding threads and memory while small ones wait")
     max_images_per_request: int = Field(64, ge=1, description="most images in one request")
-    preprocess_threads: int = Field(4, ge=1, description="threads that decode and preprocess images")
+    preprocess_threads: int = Field(4, ge=1, description="threads that decode and preprocess images (those of "
+                                                         "requests over inline_decode_pixels) and draw heatmaps")
+    inline_decode_pixels: int = Field(
+        65536, ge=0, description="a request whose images hold at most this many pixels together (by their headers) "
+                                 "is decoded on the event loop, not handed to the preprocessing threads: for small "
+                                 "images the handoff costs more than the decode (0: every request in the threads)")
     warmup: bool = Field(
         True, description="before /readyz says ready, run the model at batch sizes 1, 2, 4, ... (the powers of two up "
                           "to max_batch_size; on CUDA every bucket, each captured as a CUDA graph by every model "

@@ -141,7 +141,12 @@ class Pipeline:
             else:
                 decode = (lambda data: self.engine.decode_with_source(data, picture_side)) if keep_sources else (
                     lambda data: (self.engine.decode(data), None))
-                tensors, sources = await loop.run_in_executor(self.preprocess_pool, self._decode_all, images, decode)
+                pixels = self._declared_pixels(images)
+                if pixels <= self.settings.inline_decode_pixels:
+                    tensors, sources = self._decode_all(images, decode, pixels)
+                else:
+                    tensors, sources = await loop.run_in_executor(self.preprocess_pool, self._decode_all, images,
+                                                                  decode, pixels)
                 if time.monotonic() > deadline:
                     raise ServiceError(504, "deadline_exceeded", "the request's deadline passed while its images "
                                        f"were decoded (HALO_REQUEST_TIMEOUT_MS={self.settings.request_timeout_ms:g})")
@@ -166,15 +171,24 @@ class Pipeline:
             raise failure
         return sources, results
 
-    def _decode_all(self, files: List[bytes], decode: Callable[[bytes], Tuple[Tensor, Optional[SourceImage]]]
-                    ) -> Tuple[List[Tensor], List[Optional[SourceImage]]]:
-        """Decode and preprocess every image of a request (in the preprocessing pool), once their
-        headers say that their pixels fit the limits: the model inputs, and what ``decode`` keeps
-        of each image besides."""
+    def _declared_pixels(self, files: List[bytes]) -> int:
+        """The pixels of a request's images together, as their headers say (tens of microseconds an
+        image, nothing decoded), refused when over the limits."""
         pixels = sum(self._image_step(files, i, self.engine.declared_pixels) for i in range(len(files)))
         if pixels > self.settings.max_request_pixels:
             raise ServiceError(413, "request_too_large", f"the images hold {pixels} pixels together, over "
                                f"HALO_MAX_REQUEST_PIXELS={self.settings.max_request_pixels}")
+        return pixels
+
+    def _decode_all(self, files: List[bytes], decode: Callable[[bytes], Tuple[Tensor, Optional[SourceImage]]],
+                    pixels: int) -> Tuple[List[Tensor], List[Optional[SourceImage]]]:
+        """Decode and preprocess every image of a request, whose headers declared ``pixels``: the
+        model inputs, and what ``decode`` keeps of each image besides. Small requests on the event
+        loop (HALO_INLINE_DECODE_PIXELS): handing them to the preprocessing threads cost more than
+        decoding them, as each handoff and each of the decoder's torch calls let go of Python's lock,
+        and every thread waiting to take it back, the event loop's included, queued behind the others
+        (at 32 clients of Fashion-MNIST PNGs, p95 26 ms instead of 38, docs/performance.md); larger
+        ones in the threads, where Pillow and torch decode several at once."""
         with self.decoding.reserve(pixels):
             decoded = [self._image_step(files, i, decode) for i in range(len(files))]
         if pixels > LARGE_DECODE_PIXELS:

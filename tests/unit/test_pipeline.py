@@ -1,6 +1,7 @@
 """The request pipeline with a fake model: answers in order and to their own request, one forward for
 concurrent requests, no wait for images that will not come, heatmaps only where asked."""
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence
@@ -178,8 +179,9 @@ class CountingEngine(FakeEngine):
 
 
 def idle_pipeline(engine: FakeEngine, **settings) -> Pipeline:
-    """A pipeline whose model workers never start: what is submitted stays queued."""
-    settings = Settings(max_batch_size=4, max_images_per_request=4, **settings)
+    """A pipeline whose model workers never start: what is submitted stays queued. It decodes in its
+    threads, whatever the size, unless told otherwise (``inline_decode_pixels``)."""
+    settings = Settings(max_batch_size=4, max_images_per_request=4, **{"inline_decode_pixels": 0, **settings})
     policy = FixedWindow(4, 0.0, ForwardCosts({1: 0.1, 4: 0.2}))
     metrics = Metrics()
     return Pipeline(engine, Batcher(engine.forward, policy, 512, metrics), ThreadPoolExecutor(2), settings, metrics)
@@ -233,3 +235,27 @@ def test_a_deadline_that_passes_while_decoding_is_504_and_says_so() -> None:
     assert (late.value.status, late.value.code) == (504, "deadline_exceeded")
     assert "while its images were decoded" in late.value.message
     assert queued(pipeline) == 0
+
+
+def test_small_requests_are_decoded_on_the_event_loop_and_larger_ones_in_the_threads() -> None:
+    class ThreadNamingEngine(CountingEngine):
+        def decode(self, data: bytes) -> torch.Tensor:
+            self.threads.append(threading.current_thread().name)
+            return super().decode(data)
+
+    engine = ThreadNamingEngine()
+    engine.threads = []
+    pipeline = idle_pipeline(engine, inline_decode_pixels=100)
+
+    async def main():
+        for files in ([b"\x01" * 60, b"\x01" * 40], [b"\x01" * 60, b"\x01" * 41]):  # 100 pixels, then 101
+            task = asyncio.create_task(predict(pipeline, files))
+            await asyncio.sleep(0.2)  # decoded and queued: the model workers never start
+            task.cancel()
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(main())
+    pipeline.preprocess_pool.shutdown(wait=True)
+    assert engine.threads[:2] == [loop_thread] * 2
+    assert len(engine.threads) == 4 and loop_thread not in engine.threads[2:]
+    assert queued(pipeline) == 4
