@@ -93,9 +93,10 @@ class Settings(BaseSettings):
     preprocess_threads: int = Field(4, ge=1, description="threads that decode and preprocess images (those of "
                                                          "requests over inline_decode_pixels) and draw heatmaps")
     inline_decode_pixels: int = Field(
-        65536, ge=0, description="a request whose images hold at most this many pixels together (by their headers) "
-                                 "is decoded on the event loop, not handed to the preprocessing threads: for small "
-                                 "images the handoff costs more than the decode (0: every request in the threads)")
+        65536, ge=0, description="a request whose images hold at most this many pixels together (by their headers), "
+                                 "in files of at most 64 KiB together, is decoded on the event loop, not handed to "
+                                 "the preprocessing threads: for small images the handoff costs more than the "
+                                 "decode (0: every request in the threads)")
     warmup: bool = Field(
         True, description="before /readyz says ready, run the model at batch sizes 1, 2, 4, ... (the powers of two up "
                           "to max_batch_size; on CUDA every bucket, each captured as a CUDA graph by every model "

@@ -1,9 +1,10 @@
 """A request's whole journey, from image bytes to answers, with no HTTP: check the options, admit
-it (its expected wait, then its images' pixels from their headers), decode and preprocess in the
-thread pool, submit all of its images or none, await them, then top-k and heatmap payloads. Every
-protocol the service speaks calls ``Pipeline.classify`` (``predict`` for /predict's answers on top
-of it), so the limits, batching and metrics are the same for all; failures are ``ServiceError``
-(status, code, message), which each protocol's adapter turns into its own error form."""
+it (its expected wait, then its images' pixels from their headers), decode and preprocess (small
+images on the event loop, larger ones in the thread pool), submit all of its images or none, await
+them, then top-k and heatmap payloads. Every protocol the service speaks calls ``Pipeline.classify``
+(``predict`` for /predict's answers on top of it), so the limits, batching and metrics are the same
+for all; failures are ``ServiceError`` (status, code, message), which each protocol's adapter turns
+into its own error form."""
 import asyncio
 import math
 import threading
@@ -27,6 +28,12 @@ from .schemas import PredictOptions
 # After decoding more pixels than this in one request, free heap memory goes back to the system: a
 # few large images left the process 2 GB big after they were done.
 LARGE_DECODE_PIXELS = 4_000_000
+
+
+# The most bytes of files decoded on the event loop (with few pixels, HALO_INLINE_DECODE_PIXELS): a file
+# that is mostly not pixels (GIF extension blocks, which Pillow parses at about 0.2 us a byte) holds the
+# loop for at most about 13 ms. A 256 x 256 JPEG photo is 20-60 kB.
+INLINE_DECODE_BYTES = 65536
 
 
 class DecodingBudget:
@@ -142,7 +149,7 @@ class Pipeline:
                 decode = (lambda data: self.engine.decode_with_source(data, picture_side)) if keep_sources else (
                     lambda data: (self.engine.decode(data), None))
                 pixels = self._declared_pixels(images)
-                if pixels <= self.settings.inline_decode_pixels:
+                if pixels <= self.settings.inline_decode_pixels and sum(map(len, images)) <= INLINE_DECODE_BYTES:
                     tensors, sources = self._decode_all(images, decode, pixels)
                 else:
                     tensors, sources = await loop.run_in_executor(self.preprocess_pool, self._decode_all, images,

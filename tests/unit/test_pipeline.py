@@ -14,7 +14,7 @@ from app.config import Settings
 from app.engine import Engine
 from app.errors import ServiceError
 from app.metrics import Metrics
-from app.pipeline import Pipeline
+from app.pipeline import INLINE_DECODE_BYTES, Pipeline
 from app.schemas import PredictOptions
 from model.decoding import ImageDecodeError
 from model.geometry import InputGeometry
@@ -239,6 +239,11 @@ def test_a_deadline_that_passes_while_decoding_is_504_and_says_so() -> None:
 
 def test_small_requests_are_decoded_on_the_event_loop_and_larger_ones_in_the_threads() -> None:
     class ThreadNamingEngine(CountingEngine):
+        """A file of a b"\x02" byte and any other bytes holds one pixel."""
+
+        def declared_pixels(self, data: bytes) -> int:
+            return 1 if data[:1] == b"\x02" else len(data)
+
         def decode(self, data: bytes) -> torch.Tensor:
             self.threads.append(threading.current_thread().name)
             return super().decode(data)
@@ -246,9 +251,11 @@ def test_small_requests_are_decoded_on_the_event_loop_and_larger_ones_in_the_thr
     engine = ThreadNamingEngine()
     engine.threads = []
     pipeline = idle_pipeline(engine, inline_decode_pixels=100)
+    few_pixels_many_bytes = b"\x02" + bytes(INLINE_DECODE_BYTES)  # as a GIF of extension blocks
 
     async def main():
-        for files in ([b"\x01" * 60, b"\x01" * 40], [b"\x01" * 60, b"\x01" * 41]):  # 100 pixels, then 101
+        # 100 pixels, then 101; then 1 pixel in more bytes than the event loop decodes
+        for files in ([b"\x01" * 60, b"\x01" * 40], [b"\x01" * 60, b"\x01" * 41], [few_pixels_many_bytes]):
             task = asyncio.create_task(predict(pipeline, files))
             await asyncio.sleep(0.2)  # decoded and queued: the model workers never start
             task.cancel()
@@ -257,5 +264,5 @@ def test_small_requests_are_decoded_on_the_event_loop_and_larger_ones_in_the_thr
     loop_thread = asyncio.run(main())
     pipeline.preprocess_pool.shutdown(wait=True)
     assert engine.threads[:2] == [loop_thread] * 2
-    assert len(engine.threads) == 4 and loop_thread not in engine.threads[2:]
-    assert queued(pipeline) == 4
+    assert len(engine.threads) == 5 and loop_thread not in engine.threads[2:]
+    assert queued(pipeline) == 5
