@@ -201,6 +201,25 @@ def test_a_lone_request_is_not_held_for_company() -> None:
     assert asyncio.run(main()).queue_s < 0.05  # taken at once, not after the 5 s window
 
 
+def test_several_workers_share_the_queued_images_out_evenly() -> None:
+    """Eight images queued at once, two workers, batches of up to 8: one batch of all eight would leave
+    the other worker idle and double the first's forward; each takes its share of four."""
+    model = FakeModel()
+    model.gate.clear()
+    batcher = Batcher(model, FixedWindow(8, 0.0), 100, Metrics(), workers=2)
+
+    async def main():
+        request = jobs(asyncio.get_running_loop(), range(8))
+        batcher.submit(request)
+        batcher.start()
+        await asyncio.sleep(0.2)
+        model.gate.set()
+        return [await job.future for job in request]
+
+    results = asyncio.run(main())
+    assert sorted(model.batches) == [4, 4] and [r.batch_size for r in results] == [4] * 8
+
+
 class WakeRecordingWindow(FixedWindow):
     def __init__(self, max_batch_size: int, max_wait_s: float) -> None:
         super().__init__(max_batch_size, max_wait_s)
