@@ -10,10 +10,11 @@ The policy, all of it here:
 - Each model worker (one thread; several when the model dominates, each with its own batch) takes
   the oldest image, then keeps taking: images already queued without waiting, so under load
   batches fill instantly, up to the policy's batch size (with several workers, up to a fair share
-  of the images accepted and not answered, so that none takes what the next free one would). It waits only while more images are on
-  their way (requests being decoded: announced with ``expect``, counted off when ``submit`` queues
-  them or ``withdraw`` gives them up, either of which wakes it), so a lone request never waits for
-  company that is not coming; how long it waits is the policy's:
+  of the images accepted and not answered, so that none takes what the next free one would). It
+  waits only while more images are on their way (requests being decoded: announced with
+  ``expect``, counted off when ``submit`` queues them or ``withdraw`` gives them up, either of
+  which wakes it), so a lone request never waits for company that is not coming; how long it
+  waits is the policy's:
   - ``FixedWindow``: up to ``max_wait_s`` after the first image, batches up to ``max_batch_size``.
   - ``AdaptiveWindow`` (the default): from ``ForwardCosts`` (seconds per forward by batch size,
     seeded by the warm-up, learned as it serves), the measured gap between arriving images and how

@@ -148,8 +148,10 @@ class Pipeline:
             else:
                 decode = (lambda data: self.engine.decode_with_source(data, picture_side)) if keep_sources else (
                     lambda data: (self.engine.decode(data), None))
-                pixels = self._declared_pixels(images)
-                if pixels <= self.settings.inline_decode_pixels and sum(map(len, images)) <= INLINE_DECODE_BYTES:
+                # Headers too are read on the loop only from few bytes: a GIF's header can hold any number
+                # of extension blocks before its first frame.
+                pixels = self._declared_pixels(images) if sum(map(len, images)) <= INLINE_DECODE_BYTES else None
+                if pixels is not None and pixels <= self.settings.inline_decode_pixels:
                     tensors, sources = self._decode_all(images, decode, pixels)
                 else:
                     tensors, sources = await loop.run_in_executor(self.preprocess_pool, self._decode_all, images,
@@ -188,14 +190,17 @@ class Pipeline:
         return pixels
 
     def _decode_all(self, files: List[bytes], decode: Callable[[bytes], Tuple[Tensor, Optional[SourceImage]]],
-                    pixels: int) -> Tuple[List[Tensor], List[Optional[SourceImage]]]:
-        """Decode and preprocess every image of a request, whose headers declared ``pixels``: the
-        model inputs, and what ``decode`` keeps of each image besides. Small requests on the event
-        loop (HALO_INLINE_DECODE_PIXELS): handing them to the preprocessing threads cost more than
-        decoding them, as each handoff and each of the decoder's torch calls let go of Python's lock,
-        and every thread waiting to take it back, the event loop's included, queued behind the others
-        (at 32 clients of Fashion-MNIST PNGs, p95 26 ms instead of 38, docs/performance.md); larger
-        ones in the threads, where Pillow and torch decode several at once."""
+                    pixels: Optional[int]) -> Tuple[List[Tensor], List[Optional[SourceImage]]]:
+        """Decode and preprocess every image of a request, whose headers declared ``pixels`` (None: not
+        read yet): the model inputs, and what ``decode`` keeps of each image besides. Small requests
+        on the event loop (HALO_INLINE_DECODE_PIXELS): handing them to the preprocessing threads cost
+        more than decoding them, as each handoff and each of the decoder's torch calls let go of
+        Python's lock, and every thread waiting to take it back, the event loop's included, queued
+        behind the others (at 32 clients of Fashion-MNIST PNGs, p95 19-24 ms instead of 29-34,
+        docs/performance.md); larger ones in the threads, where Pillow and torch decode several at
+        once."""
+        if pixels is None:
+            pixels = self._declared_pixels(files)
         with self.decoding.reserve(pixels):
             decoded = [self._image_step(files, i, decode) for i in range(len(files))]
         if pixels > LARGE_DECODE_PIXELS:

@@ -242,6 +242,7 @@ def test_small_requests_are_decoded_on_the_event_loop_and_larger_ones_in_the_thr
         """A file of a b"\x02" byte and any other bytes holds one pixel."""
 
         def declared_pixels(self, data: bytes) -> int:
+            self.header_threads.append(threading.current_thread().name)
             return 1 if data[:1] == b"\x02" else len(data)
 
         def decode(self, data: bytes) -> torch.Tensor:
@@ -249,12 +250,12 @@ def test_small_requests_are_decoded_on_the_event_loop_and_larger_ones_in_the_thr
             return super().decode(data)
 
     engine = ThreadNamingEngine()
-    engine.threads = []
+    engine.threads, engine.header_threads = [], []
     pipeline = idle_pipeline(engine, inline_decode_pixels=100)
     few_pixels_many_bytes = b"\x02" + bytes(INLINE_DECODE_BYTES)  # as a GIF of extension blocks
 
     async def main():
-        # 100 pixels, then 101; then 1 pixel in more bytes than the event loop decodes
+        # 100 pixels, then 101; then 1 pixel in more bytes than the event loop reads
         for files in ([b"\x01" * 60, b"\x01" * 40], [b"\x01" * 60, b"\x01" * 41], [few_pixels_many_bytes]):
             task = asyncio.create_task(predict(pipeline, files))
             await asyncio.sleep(0.2)  # decoded and queued: the model workers never start
@@ -265,4 +266,5 @@ def test_small_requests_are_decoded_on_the_event_loop_and_larger_ones_in_the_thr
     pipeline.preprocess_pool.shutdown(wait=True)
     assert engine.threads[:2] == [loop_thread] * 2
     assert len(engine.threads) == 5 and loop_thread not in engine.threads[2:]
+    assert engine.header_threads[:4] == [loop_thread] * 4 and engine.header_threads[4] != loop_thread
     assert queued(pipeline) == 5
