@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         None, description="where compiled models are kept, one file per model, weights, machine and torch version; "
                           "default $XDG_CACHE_HOME/halonet/compiled (~/.cache/halonet/compiled); the Docker image "
                           "ships one, compiled at build time")
+    keep_freed_memory: bool = Field(
+        True, description="the process's C heap (glibc) keeps what a forward frees for the next one instead of "
+                          "handing it back to the system (mallopt: no blocks mapped on their own, one heap for "
+                          "all threads, no trimming of its top), so that CPU forwards do not page-fault on fresh "
+                          "memory; the process then holds what its largest forwards needed at once")
     cuda_graphs: bool = Field(
         True, description="on CUDA: capture each batch-size bucket's forward (1, 2, 3, 4, 6, 8, 12, ... up to "
                           "max_batch_size, batches padded up to the next) as a CUDA graph after its first pass, "

@@ -1,6 +1,5 @@
 """The model and what surrounds it, with no HTTP: decode + preprocess, batched forward, top-k, heatmaps."""
 import base64
-import ctypes
 import hashlib
 import logging
 import math
@@ -32,15 +31,6 @@ log = logging.getLogger("halo.engine")
 # What /predict accepts, as PIL names its formats.
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})  # MPO: multi-picture JPEG
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def release_free_memory() -> None:
-    """Hands the heap's free memory back to the system (glibc's malloc_trim; nothing elsewhere).
-    The decoding threads' heaps keep what large images used after they are freed: four requests of
-    big images left the process at 2 GB where it serves in a few hundred MB."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the C library the process already runs
-    if trim is not None:
-        trim(0)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -11,6 +11,7 @@ from .batcher import AdaptiveWindow, Batcher, BatchPolicy, FixedWindow, ForwardC
 from .config import Settings
 from .engine import Engine
 from .errors import ServiceError
+from .heap import keep_freed_memory
 from .metrics import Metrics
 from .pipeline import Pipeline
 
@@ -23,6 +24,8 @@ class Service:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        if settings.keep_freed_memory:  # before the threads below: each keeps the heap it first allocates from
+            keep_freed_memory()
         self.metrics = Metrics()
         self.preprocess_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="halo-preprocess")
         self.engine: Optional[Engine] = None

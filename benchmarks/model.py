@@ -2,7 +2,9 @@
 
 Ours is built from our registry, loaded with the timm model's state dict (strictly), and
 prepared as the service runs it (``prepare_for_inference``: eval, BatchNorm folded,
-channels_last). The contenders (``--contenders``), timed alternately over several rounds:
+channels_last), in a process whose C heap keeps freed memory as the service's does (``--heap``; the
+contenders share the process, so timm's run on that heap too; ONNX Runtime keeps its own arena). The
+contenders (``--contenders``), timed alternately over several rounds:
 
 - ``timm``: timm's model as users get it (NCHW); ``timm_channels_last``: the same in channels_last;
   ``timm_compiled``: under inductor with frozen weights (``torch.compile``);
@@ -33,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from app.heap import keep_freed_memory
 from benchmarks.timing import add_common_arguments, check_device, geomean, synchronizer, time_alternating
 from model import create_model
 from model.compiled import CompiledModel, load_or_compile
@@ -199,9 +202,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(TIMM_MODELS), choices=TIMM_MODELS)
     parser.add_argument("--contenders", nargs="+", default=list(DEFAULT_CONTENDERS), choices=CONTENDERS,
                         help="what runs beside each other (timm_compiled: about a minute of compile per row)")
+    parser.add_argument("--heap", choices=["kept", "default"], default="kept",
+                        help="kept: the process's C heap keeps freed memory as the service's does "
+                             "(HALO_KEEP_FREED_MEMORY, every contender in this process alike); default: glibc's")
     add_common_arguments(parser, rounds=5, seconds=3.0)
     args = parser.parse_args()
     check_device(parser, args)
+    if args.heap == "kept":
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
         result = run(args.models, args.batch or [64], "cuda", [torch.float16, torch.bfloat16], args.rounds,
