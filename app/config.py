@@ -48,11 +48,13 @@ class Settings(BaseSettings):
         None, description="where compiled models are kept, one file per model, weights, machine and torch version; "
                           "default $XDG_CACHE_HOME/halonet/compiled (~/.cache/halonet/compiled); the Docker image "
                           "ships one, compiled at build time")
-    keep_freed_memory: bool = Field(
-        True, description="the process's C heap (glibc) keeps what a forward frees for the next one instead of "
-                          "handing it back to the system (mallopt: no blocks mapped on their own, one heap for "
-                          "all threads, no trimming of its top), so that CPU forwards do not page-fault on fresh "
-                          "memory; the process then holds what its largest forwards needed at once")
+    keep_freed_memory: Literal["auto", "on", "off"] = Field(
+        "auto", description="on CPU: on: the process's C heap (glibc) keeps what a forward frees for the next one "
+                            "instead of handing it back to the system (mallopt: no blocks mapped on their own, no "
+                            "trimming), so that forwards do not page-fault on fresh memory; the process then holds "
+                            "what its largest forwards needed at once; auto: on where the model dominates the request "
+                            "path (a batch-1 forward over 20 ms at start: the forwards whose blocks run to tens of "
+                            "MB), off for a small model, which served fewer images/s with it")
     cuda_graphs: bool = Field(
         True, description="on CUDA: capture each batch-size bucket's forward (1, 2, 3, 4, 6, 8, 12, ... up to "
                           "max_batch_size, batches padded up to the next) as a CUDA graph after its first pass, "

@@ -25,6 +25,7 @@ from model.heatmaps import SourceImage
 from model.transforms import build_geometric_transform, decode_min_side, to_mode
 
 from .config import Settings
+from .heap import keep_freed_memory
 
 log = logging.getLogger("halo.engine")
 
@@ -153,10 +154,9 @@ class Engine:
         self._maps_graphs_lock = threading.Lock()
         if self.default_heatmap_layer is not None:
             self._maps_graph(self.default_heatmap_layer)
-        if not (settings.threads and settings.model_workers) and self.device.type == "cpu":
-            model_bound = self._batch_one_forward_seconds() > MODEL_BOUND_FORWARD_S
-            self.workers, self.threads = default_parallelism(model_bound, settings.model_workers, settings.threads)
-            torch.set_num_threads(self.threads)
+        self.keeps_freed_memory = False  # HALO_KEEP_FREED_MEMORY, as it resolved
+        if self.device.type == "cpu":
+            self._set_up_cpu_process()
         self.compiled = self._build_compiled()
 
     @property
@@ -275,6 +275,18 @@ class Engine:
         """Class probabilities of a float32 batch on the model's device, left there: what a CUDA
         runner runs and captures (the cast to the model's dtype and layout included)."""
         return self.model(self._model_input(batch)).float().softmax(-1)
+
+    def _set_up_cpu_process(self) -> None:
+        """Model workers and threads (``default_parallelism``) and the heap (``HALO_KEEP_FREED_MEMORY``), by
+        whether the model dominates the request path, where a setting leaves them to decide."""
+        settings = self.settings
+        decided = settings.threads and settings.model_workers and settings.keep_freed_memory != "auto"
+        model_bound = not decided and self._batch_one_forward_seconds() > MODEL_BOUND_FORWARD_S
+        if not (settings.threads and settings.model_workers):
+            self.workers, self.threads = default_parallelism(model_bound, settings.model_workers, settings.threads)
+            torch.set_num_threads(self.threads)
+        if settings.keep_freed_memory == "on" or (settings.keep_freed_memory == "auto" and model_bound):
+            self.keeps_freed_memory = keep_freed_memory()
 
     def _batch_one_forward_seconds(self) -> float:
         """The fastest of three batch-1 forwards (after the trace's, which warmed the model up): the

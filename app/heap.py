@@ -15,7 +15,6 @@ log = logging.getLogger("halo.heap")
 # mallopt's parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
-M_ARENA_MAX = -8
 TRIM_NEVER = 2 ** 31 - 1  # mallopt takes an int: the largest "free memory at the heap's top to keep"
 
 
@@ -25,17 +24,15 @@ def _libc_function(name: str) -> Optional[Callable[..., int]]:
 
 
 def keep_freed_memory() -> bool:
-    """From now on, blocks of any size come from the one main heap (no blocks mapped on their own, no
-    heaps of threads, which glibc frees whole) and the heap's free top is never handed back by itself:
-    a forward reuses the pages the previous one freed. The process holds the most that its forwards
-    needed at once (``release_free_memory`` still hands back what is free). Call it before the process
-    starts threads: one that has allocated keeps the heap it has. Whether it took effect (False: not
-    glibc)."""
+    """From now on, in every thread, blocks of any size come from the heaps (none mapped on its own) and
+    a heap's free top is never handed back by itself: a forward reuses the pages the previous one freed.
+    The process holds the most that its forwards needed at once (``release_free_memory`` still hands
+    back what is free). Whether it took effect (False: not glibc)."""
     mallopt = _libc_function("mallopt")
     if mallopt is None:
         log.info("the C library has no mallopt: freed memory goes back to the system as it decides")
         return False
-    return all([mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, TRIM_NEVER), mallopt(M_ARENA_MAX, 1)])
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_NEVER))
 
 
 def release_free_memory() -> None:

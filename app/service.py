@@ -11,7 +11,6 @@ from .batcher import AdaptiveWindow, Batcher, BatchPolicy, FixedWindow, ForwardC
 from .config import Settings
 from .engine import Engine
 from .errors import ServiceError
-from .heap import keep_freed_memory
 from .metrics import Metrics
 from .pipeline import Pipeline
 
@@ -24,8 +23,6 @@ class Service:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        if settings.keep_freed_memory:  # before the threads below: each keeps the heap it first allocates from
-            keep_freed_memory()
         self.metrics = Metrics()
         self.preprocess_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="halo-preprocess")
         self.engine: Optional[Engine] = None
@@ -57,6 +54,8 @@ class Service:
                              f"in {engine.compile_seconds:.1f} s"
                              + (f"; traced at batch sizes {engine.traced_sizes}, where it measured faster"
                                 if engine.traced_sizes else "") + ")")
+            if engine.keeps_freed_memory:
+                forwards += ", the heap keeping freed memory"
             log.info("model %s (%s) ready on %s, halo attention: %s, forwards: %s", engine.name, engine.version,
                      engine.device, ", ".join(engine.attention_backends) or "none", forwards)
             for i, runner in enumerate(engine.runners or []):

@@ -2,9 +2,9 @@
 
 Ours is built from our registry, loaded with the timm model's state dict (strictly), and
 prepared as the service runs it (``prepare_for_inference``: eval, BatchNorm folded,
-channels_last), in a process whose C heap keeps freed memory as the service's does (``--heap``; the
-contenders share the process, so timm's run on that heap too; ONNX Runtime keeps its own arena). The
-contenders (``--contenders``), timed alternately over several rounds:
+channels_last), in a process whose C heap keeps freed memory as the service's does for these models
+(``HALO_KEEP_FREED_MEMORY=auto``: each dominates its request path; ``--heap``): the contenders share
+the process, so timm's run on that heap too, and ONNX Runtime keeps its own arena. The contenders (``--contenders``), timed alternately over several rounds:
 
 - ``timm``: timm's model as users get it (NCHW); ``timm_channels_last``: the same in channels_last;
   ``timm_compiled``: under inductor with frozen weights (``torch.compile``);
@@ -203,8 +203,8 @@ def main() -> None:
     parser.add_argument("--contenders", nargs="+", default=list(DEFAULT_CONTENDERS), choices=CONTENDERS,
                         help="what runs beside each other (timm_compiled: about a minute of compile per row)")
     parser.add_argument("--heap", choices=["kept", "default"], default="kept",
-                        help="kept: the process's C heap keeps freed memory as the service's does "
-                             "(HALO_KEEP_FREED_MEMORY, every contender in this process alike); default: glibc's")
+                        help="kept: the process's C heap keeps freed memory as the service's does for these "
+                             "models (HALO_KEEP_FREED_MEMORY, every contender alike); default: glibc's")
     add_common_arguments(parser, rounds=5, seconds=3.0)
     args = parser.parse_args()
     check_device(parser, args)

@@ -1,7 +1,6 @@
 """The service's own Engine behind two other servers, for benchmarks/peers.py. Both take the
 JSON body of our /predict (``{"images": ["<base64>"], "top_k": k}``, one image) and answer the
-same shape; HALO_* variables configure the Engine and the process's heap (HALO_KEEP_FREED_MEMORY) as
-they configure the service.
+same shape; HALO_* variables configure the Engine as they configure the service.
 
     python -m benchmarks.peer_servers litserve --port 8101   # LitServe: its batching loop, one worker
     python -m benchmarks.peer_servers naive --port 8102      # FastAPI, one forward per request
@@ -16,7 +15,6 @@ from torch import Tensor
 
 from app.config import Settings
 from app.engine import Engine
-from app.heap import keep_freed_memory
 
 
 def decode(engine: Engine, body: dict) -> Tuple[Tensor, int]:
@@ -36,8 +34,6 @@ class HaloNetLitAPI(ls.LitAPI):
         self.settings = settings
 
     def setup(self, device: str) -> None:
-        if self.settings.keep_freed_memory:  # as our service's process does
-            keep_freed_memory()
         self.engine = Engine(self.settings)
         self.engine.warmup()
 
@@ -68,8 +64,6 @@ def serve_naive(port: int, settings: Settings) -> None:
     import uvicorn
     from fastapi import FastAPI
 
-    if settings.keep_freed_memory:  # as our service's process does
-        keep_freed_memory()
     engine = Engine(settings)
     engine.warmup()
     app = FastAPI()

@@ -34,7 +34,6 @@ from PIL import Image
 
 from app.config import Settings
 from app.engine import Engine
-from app.heap import keep_freed_memory
 from benchmarks.closed_loop import ClientProcesses
 from benchmarks.server import ServerProcess, metric_value
 from benchmarks.timing import check_device, time_alternating
@@ -117,10 +116,7 @@ def raw_model_throughput(settings: Settings, batch: int) -> float:
 
 def raw_model_throughputs(settings: Settings, batches: List[int]) -> Dict[int, float]:
     """Images/s of the bare forward pass at each of ``batches``, with one model prepared as the service
-    prepares it and its process's heap kept as the service keeps it (a CPU batch in, probabilities back on the
-    CPU: what a served forward pass costs)."""
-    if settings.keep_freed_memory:
-        keep_freed_memory()
+    prepares it (a CPU batch in, probabilities back on the CPU: what a served forward pass costs)."""
     engine = Engine(settings)
     throughputs = {}
     for batch in batches:

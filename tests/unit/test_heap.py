@@ -42,13 +42,15 @@ def test_a_forwards_freed_pages_are_reused_only_when_kept() -> None:
     assert faults_per_step("kept") < PAGES_PER_STEP / 100
 
 
-@pytest.mark.parametrize("keep", [True, False])
-def test_the_service_keeps_freed_memory_as_configured(monkeypatch, keep: bool) -> None:
-    import app.service
+@pytest.mark.parametrize("setting, model_bound, kept", [
+    ("on", False, True), ("off", True, False), ("auto", False, False), ("auto", True, True)])
+def test_the_engine_keeps_freed_memory_where_the_model_dominates(monkeypatch, setting: str, model_bound: bool,
+                                                                 kept: bool) -> None:
+    import app.engine
     from app.config import Settings
 
     calls = []
-    monkeypatch.setattr(app.service, "keep_freed_memory", lambda: calls.append(True))
-    service = app.service.Service(Settings(keep_freed_memory=keep))
-    service.preprocess_pool.shutdown()
-    assert calls == ([True] if keep else [])
+    monkeypatch.setattr(app.engine, "keep_freed_memory", lambda: calls.append(True) or True)
+    monkeypatch.setattr(app.engine, "MODEL_BOUND_FORWARD_S", 0.0 if model_bound else 60.0)
+    engine = app.engine.Engine(Settings(keep_freed_memory=setting, compile="off", device="cpu"))
+    assert calls == ([True] if kept else []) and engine.keeps_freed_memory is kept
