@@ -1,11 +1,13 @@
-"""The process's C heap (glibc's malloc), tuned for serving: what a forward frees is kept for the next
-one, and what a huge decode freed is handed back at once. Nothing happens under another C library.
+"""The process's C heap (glibc's malloc), tuned for serving: what a large model's forward frees is kept
+for the next one, and what a huge decode freed is handed back at once. Nothing happens under another
+C library.
 
 Why keep: a forward on the CPU allocates its intermediate tensors afresh, and glibc serves every block
 over its mmap threshold (at most 32 MiB) with pages of its own, handed back to the system when freed,
-and frees a thread's heap (64 MiB) whole once nothing in it is in use. The next forward touches those
-pages new: eca_halonext26ts at batch 8 took 33,000 page faults (128 MiB of zeroed pages) per forward,
-16% of its time (docs/performance.md). ONNX Runtime keeps its own arena for the same reason."""
+and hands back a heap's free top past its trim threshold. The next forward touches those pages new:
+eca_halonext26ts at batch 8 took 33,000 page faults (128 MiB of zeroed pages) per forward, 16% of its
+time (docs/performance.md). ONNX Runtime keeps its own arena for the same reason. Not for a small
+model: the shipped one served x0.93-0.96 the images/s with it (docs/performance.md)."""
 import ctypes
 import logging
 from typing import Callable, Optional

@@ -21,8 +21,8 @@ from model.heatmaps import SourceImage
 from .batcher import Batcher, ClientGoneError, DeadlineExceededError, Job, JobResult, QueueFullError, ShuttingDownError
 from .config import Settings
 from .engine import Engine
-from .heap import release_free_memory
 from .errors import ServiceError
+from .heap import release_free_memory
 from .metrics import Metrics
 from .schemas import PredictOptions
 

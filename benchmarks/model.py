@@ -4,7 +4,8 @@ Ours is built from our registry, loaded with the timm model's state dict (strict
 prepared as the service runs it (``prepare_for_inference``: eval, BatchNorm folded,
 channels_last), in a process whose C heap keeps freed memory as the service's does for these models
 (``HALO_KEEP_FREED_MEMORY=auto``: each dominates its request path; ``--heap``): the contenders share
-the process, so timm's run on that heap too, and ONNX Runtime keeps its own arena. The contenders (``--contenders``), timed alternately over several rounds:
+the process, so timm's run on that heap too, and ONNX Runtime keeps its own arena. The contenders
+(``--contenders``), timed alternately over several rounds:
 
 - ``timm``: timm's model as users get it (NCHW); ``timm_channels_last``: the same in channels_last;
   ``timm_compiled``: under inductor with frozen weights (``torch.compile``);
