@@ -55,7 +55,8 @@ def _file_digest(path: os.PathLike) -> str:
 # requests would mostly idle, and one worker per core, as independent single-thread forwards use
 # the cores better than one forward split over them: halonet26t on 2 cores gave 11.8 images/s from
 # two workers against 9.3-10.3 from one forward on two threads (batches 1-8). The shipped model
-# takes 1-7 ms and serves more with a core left to the requests (docs/performance.md).
+# takes 1-7 ms and serves more with a core left to the requests (docs/performance.md). Such a model's
+# heap also keeps what its forwards free (HALO_KEEP_FREED_MEMORY=auto, app/heap.py).
 MODEL_BOUND_FORWARD_S = 0.02
 # On a GPU: two model workers, each with its own stream, pinned buffers and CUDA graphs (model/cuda_runner.py):
 # while one hands out its batch's answers and forms the next batch, the other's batch computes, and
@@ -280,9 +281,11 @@ class Engine:
         """Model workers and threads (``default_parallelism``) and the heap (``HALO_KEEP_FREED_MEMORY``), by
         whether the model dominates the request path, where a setting leaves them to decide."""
         settings = self.settings
-        decided = settings.threads and settings.model_workers and settings.keep_freed_memory != "auto"
-        model_bound = not decided and self._batch_one_forward_seconds() > MODEL_BOUND_FORWARD_S
-        if not (settings.threads and settings.model_workers):
+        parallelism_given = bool(settings.threads and settings.model_workers)
+        model_bound = False
+        if not parallelism_given or settings.keep_freed_memory == "auto":
+            model_bound = self._batch_one_forward_seconds() > MODEL_BOUND_FORWARD_S
+        if not parallelism_given:
             self.workers, self.threads = default_parallelism(model_bound, settings.model_workers, settings.threads)
             torch.set_num_threads(self.threads)
         if settings.keep_freed_memory == "on" or (settings.keep_freed_memory == "auto" and model_bound):
