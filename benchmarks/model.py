@@ -204,8 +204,8 @@ def main() -> None:
     parser.add_argument("--contenders", nargs="+", default=list(DEFAULT_CONTENDERS), choices=CONTENDERS,
                         help="what runs beside each other (timm_compiled: about a minute of compile per row)")
     parser.add_argument("--heap", choices=["kept", "default"], default="kept",
-                        help="kept: on the CPU, the process's C heap keeps freed memory as the service's does for these "
-                             "models (HALO_KEEP_FREED_MEMORY, every contender alike); default: glibc's")
+                        help="kept: on the CPU, the process's C heap keeps freed memory as the service's does "
+                             "for these models (HALO_KEEP_FREED_MEMORY, every contender alike); default: glibc's")
     add_common_arguments(parser, rounds=5, seconds=3.0)
     args = parser.parse_args()
     check_device(parser, args)
